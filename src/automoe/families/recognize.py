@@ -1,0 +1,204 @@
+"""Recognise an HF v5 MoE block by its structure and describe it as a BlockSpec.
+
+Experts declare their layout through transformers' `use_experts_implementation` flags; routers are
+matched by running a small CPU twin of the HF router beside each candidate RouterSpec on random weights
+and inputs. Nothing here depends on a family's name except the overrides in `automoe.families`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import replace
+
+import torch
+from torch import nn
+from transformers.integrations.moe import _default_apply_gate
+
+from ..moe.experts import gated_activation
+from ..moe.router import Router
+from ..moe.spec import BlockSpec, ExpertsSpec, RouterSpec
+from . import BLOCK_OVERRIDES
+
+
+class Unrecognized(Exception):
+    """The block does not follow a layout automoe can run; the message says what differs."""
+
+
+def find_experts(block: nn.Module) -> tuple[str, nn.Module] | None:
+    """The child holding fused 3D expert tensors, if the block has one."""
+    for name, child in block.named_children():
+        gate_up = getattr(child, "gate_up_proj", None)
+        if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and hasattr(child, "down_proj"):
+            return name, child
+    return None
+
+
+def experts_spec(experts: nn.Module) -> ExpertsSpec:
+    if not hasattr(experts, "is_transposed"):
+        raise Unrecognized(
+            f"{type(experts).__name__} does not declare its layout through transformers' use_experts_implementation"
+        )
+    if not getattr(experts, "has_gate", True):
+        raise Unrecognized(f"{type(experts).__name__} has no gate projection (plain up/down experts)")
+    if getattr(experts, "has_post_expert_norm", False):
+        raise Unrecognized(f"{type(experts).__name__} applies a norm after each expert")
+    num_experts = experts.gate_up_proj.shape[0]
+    if experts.is_transposed:
+        hidden, two_inter = experts.gate_up_proj.shape[1:]
+    else:
+        two_inter, hidden = experts.gate_up_proj.shape[1:]
+    spec = ExpertsSpec(
+        num_experts=num_experts,
+        hidden_size=hidden,
+        intermediate_size=two_inter // 2,
+        interleaved=not experts.is_concatenated,
+        transposed=experts.is_transposed,
+        has_bias=experts.has_bias,
+    )
+    if type(experts)._apply_gate is _default_apply_gate:
+        if not isinstance(getattr(experts, "act_fn", None), nn.Module):
+            raise Unrecognized(f"{type(experts).__name__} has no act_fn module")
+        return spec
+    if hasattr(experts, "alpha") and hasattr(experts, "limit"):
+        clamped = replace(spec, activation="clamped_swiglu", swiglu_alpha=experts.alpha, swiglu_limit=experts.limit)
+        probe = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 10
+        if torch.allclose(experts._apply_gate(probe), gated_activation(probe, clamped, None), rtol=1e-5, atol=1e-6):
+            return clamped
+    raise Unrecognized(f"{type(experts).__name__} has a custom gate activation automoe does not know")
+
+
+def _router_candidates(router: nn.Module, config, num_experts: int, top_k: int) -> list[RouterSpec]:
+    has_bias = isinstance(getattr(router, "bias", None), torch.Tensor)
+    has_correction = isinstance(getattr(router, "e_score_correction_bias", None), torch.Tensor)
+    base = dict(num_experts=num_experts, top_k=top_k, has_bias=has_bias, has_correction_bias=has_correction)
+    dtype_flags = [
+        dict(logits_in_fp32=a, weights_in_fp32=b) for a, b in itertools.product((False, True), repeat=2)
+    ]
+    if has_correction:
+        families = [
+            dict(
+                score_func="sigmoid",
+                n_group=getattr(config, "n_group", None) or 1,
+                topk_group=getattr(config, "topk_group", None) or 1,
+                routed_scaling_factor=float(getattr(config, "routed_scaling_factor", None) or 1.0),
+                norm_topk_prob=norm,
+                renorm_eps=eps,
+            )
+            for norm in (True, False)
+            for eps in (1e-20, 0.0)
+        ]
+    else:
+        families = [dict(score_func="softmax", norm_topk_prob=norm) for norm in (True, False)]
+        families.append(dict(score_func="topk_softmax"))
+    return [RouterSpec(**base, **fam, **flags) for fam in families for flags in dtype_flags]
+
+
+def _cpu_twin(module: nn.Module, dtype: torch.dtype, seed: int) -> nn.Module:
+    """A CPU copy of a small module with fresh random tensors (works for meta-device modules too)."""
+    twin = copy.deepcopy(module).to_empty(device="cpu").to(dtype)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in itertools.chain(twin.parameters(), twin.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
+    return twin
+
+
+def build_router(hf_router: nn.Module, spec: RouterSpec, balanced: bool = False) -> Router:
+    from ..moe.adopt import adopt_tensor, hf_compatible_class
+
+    router = hf_compatible_class(Router, type(hf_router))(spec, balanced)
+    names = ["weight"] + ["bias"] * spec.has_bias + ["e_score_correction_bias"] * spec.has_correction_bias
+    for name in names:
+        adopt_tensor(router, hf_router, name)
+    return router
+
+
+def router_spec(router: nn.Module, config, num_experts: int) -> RouterSpec:
+    """The candidate that reproduces the HF router: equal routing in fp32, then in bf16 the same dtypes and
+    ids with the smallest weight error (so an algebraically equal but differently rounded rule loses)."""
+    weight = getattr(router, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[0] != num_experts:
+        raise Unrecognized(f"router {type(router).__name__} has no [num_experts, hidden] weight")
+    top_k = getattr(router, "top_k", None) or getattr(config, "num_experts_per_tok", None)
+    if not top_k:
+        raise Unrecognized(f"cannot tell top-k of router {type(router).__name__}")
+    candidates = _router_candidates(router, config, num_experts, top_k)
+    for dtype, seed in ((torch.float32, 0), (torch.bfloat16, 1)):
+        twin = _cpu_twin(router, dtype, seed)
+        x = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
+        try:
+            with torch.no_grad():
+                ref = twin(x)
+        except Exception as err:  # an HF router we cannot even run on CPU is not one we can match
+            raise Unrecognized(f"router {type(router).__name__} could not be probed: {err}") from err
+        if not (isinstance(ref, tuple) and len(ref) == 3):
+            raise Unrecognized(f"router {type(router).__name__} does not return (logits, weights, ids)")
+        errors = {c: _routing_error(ref, _run(twin, c, x)) for c in candidates}
+        tolerance = 1e-4 if dtype == torch.float32 else float("inf")
+        candidates = sorted((c for c in candidates if errors[c] <= tolerance), key=errors.__getitem__)
+        if not candidates:
+            raise Unrecognized(f"router {type(router).__name__} scores experts in a way automoe does not know")
+    return candidates[0]
+
+
+def _run(twin: nn.Module, spec: RouterSpec, x: torch.Tensor) -> tuple | None:
+    try:
+        with torch.no_grad():
+            return build_router(twin, spec)(x)
+    except Exception:  # a candidate that cannot run on this router is simply not a match
+        return None
+
+
+def _routing_error(ref: tuple, out: tuple | None) -> float:
+    """Relative error of the top-k weights; inf when ids, dtypes or logits differ."""
+    if out is None or any(a.dtype != b.dtype or a.shape != b.shape for a, b in zip(ref, out, strict=True)):
+        return float("inf")
+    (ref_logits, ref_w, ref_ids), (logits, w, ids) = ref, out
+    ref_order, order = ref_ids.argsort(dim=-1), ids.argsort(dim=-1)
+    if not torch.equal(ref_ids.gather(1, ref_order), ids.gather(1, order)):
+        return float("inf")
+    if not torch.allclose(ref_logits.float(), logits.float(), rtol=1e-5, atol=1e-6):
+        return float("inf")
+    diff = ref_w.gather(1, ref_order).float() - w.gather(1, order).float()
+    return (diff.norm() / ref_w.float().norm().clamp_min(1e-30)).item()
+
+
+def block_spec(block: nn.Module, config) -> BlockSpec:
+    found = find_experts(block)
+    if found is None:
+        raise Unrecognized(f"{type(block).__name__} has no fused experts module")
+    experts_attr, experts = found
+    exp = experts_spec(experts)
+    if list(block.named_parameters(recurse=False)) or list(block.named_buffers(recurse=False)):
+        raise Unrecognized(f"{type(block).__name__} holds tensors of its own outside router and experts")
+    router_attr = shared_attr = shared_gate_attr = None
+    for name, child in block.named_children():
+        if name == experts_attr:
+            continue
+        weight = getattr(child, "weight", None)
+        if isinstance(child, nn.Linear) and child.out_features == 1 and "shared" in name:
+            shared_gate_attr = name
+        elif isinstance(weight, torch.Tensor) and tuple(weight.shape) == (exp.num_experts, exp.hidden_size):
+            router_attr = name
+        elif "shared" in name and shared_attr is None:
+            shared_attr = name
+        else:
+            raise Unrecognized(
+                f"{type(block).__name__} has a part automoe does not know: {name} ({type(child).__name__})"
+            )
+    if router_attr is None:
+        raise Unrecognized(f"{type(block).__name__} has no router with a [{exp.num_experts}, hidden] weight")
+    if shared_gate_attr and not shared_attr:
+        raise Unrecognized(f"{type(block).__name__} has a shared-expert gate but no shared expert")
+    spec = BlockSpec(
+        router=router_spec(getattr(block, router_attr), config, exp.num_experts),
+        experts=exp,
+        router_attr=router_attr,
+        experts_attr=experts_attr,
+        shared_attr=shared_attr,
+        shared_gate_attr=shared_gate_attr,
+        jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0),
+    )
+    return replace(spec, **BLOCK_OVERRIDES.get(config.model_type, {}))

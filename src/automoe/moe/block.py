@@ -1,0 +1,53 @@
+"""The one MoE block every family runs: route -> dispatch -> experts -> combine (+ shared experts)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dispatch import LocalDispatcher
+from .spec import BlockSpec
+
+
+class MoEBlock(nn.Module):
+    """Keeps the HF block's child names (spec.router_attr, spec.experts_attr, spec.shared_attr,
+    spec.shared_gate_attr) so every parameter keeps its HF key. `dispatcher` is a plain attribute that
+    expert parallelism swaps for its all-to-all version."""
+
+    def __init__(
+        self,
+        spec: BlockSpec,
+        router: nn.Module,
+        experts: nn.Module,
+        shared: nn.Module | None = None,
+        shared_gate: nn.Module | None = None,
+    ) -> None:
+        nn.Module.__init__(self)
+        self.spec = spec
+        self.add_module(spec.router_attr, router)
+        self.add_module(spec.experts_attr, experts)
+        if spec.shared_attr:
+            self.add_module(spec.shared_attr, shared)
+        if spec.shared_gate_attr:
+            self.add_module(spec.shared_gate_attr, shared_gate)
+        self.dispatcher = LocalDispatcher(spec.experts.num_experts)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if self.training and self.spec.jitter_noise > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.spec.jitter_noise, 1.0 + self.spec.jitter_noise)
+            x = x * noise
+        _, topk_weights, topk_ids = getattr(self, self.spec.router_attr)(x)
+        dispatched = self.dispatcher.dispatch(x, topk_ids, topk_weights)
+        expert_out = getattr(self, self.spec.experts_attr)(
+            dispatched.tokens, dispatched.counts, dispatched.row_expert
+        )
+        out = self.dispatcher.combine(expert_out, dispatched).to(x.dtype)
+        if self.spec.shared_attr:
+            shared = getattr(self, self.spec.shared_attr)(x)
+            if self.spec.shared_gate_attr:
+                shared = torch.sigmoid(getattr(self, self.spec.shared_gate_attr)(x)) * shared
+            out = out + shared
+        out = out.view(shape)
+        return (out, topk_weights) if self.spec.returns_router_scores else out

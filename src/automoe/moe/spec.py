@@ -1,0 +1,77 @@
+"""A family's MoE block described as data: what differs between families is named here, not forked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")
+ACTIVATIONS = ("swiglu", "clamped_swiglu")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How router logits become top-k expert ids and weights.
+
+    score_func: "softmax" (softmax over all experts, then top-k), "sigmoid" (sigmoid scores, top-k chosen on
+        scores + e_score_correction_bias within the best `topk_group` of `n_group` groups), "topk_softmax"
+        (GPT-OSS: top-k on the logits, softmax over the k chosen).
+    """
+
+    num_experts: int
+    top_k: int
+    score_func: str = "softmax"
+    norm_topk_prob: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    has_bias: bool = False
+    has_correction_bias: bool = False
+    logits_in_fp32: bool = False
+    weights_in_fp32: bool = False
+    renorm_eps: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.score_func not in SCORE_FUNCS:
+            raise ValueError(f"unknown router score_func {self.score_func!r}; known: {SCORE_FUNCS}")
+        if self.num_experts % self.n_group:
+            raise ValueError(
+                f"n_group={self.n_group} does not divide num_experts={self.num_experts}; fix the config."
+            )
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """The expert MLP: SwiGLU-style gate/up, down, and how the fused tensors are laid out.
+
+    interleaved: gate and up alternate along the 2I axis (GPT-OSS) instead of [gate; up].
+    transposed: weights stored [E, in, out] (GPT-OSS) instead of HF's usual [E, out, in].
+    """
+
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    activation: str = "swiglu"
+    act_name: str = "silu"
+    interleaved: bool = False
+    transposed: bool = False
+    has_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown experts activation {self.activation!r}; known: {ACTIVATIONS}")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """Where the parts live in the HF block (attribute names are kept so state_dict keys match HF)."""
+
+    router: RouterSpec
+    experts: ExpertsSpec
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    shared_attr: str | None = None
+    shared_gate_attr: str | None = None
+    returns_router_scores: bool = False
+    jitter_noise: float = 0.0

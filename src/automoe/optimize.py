@@ -1,0 +1,140 @@
+"""Walk a built HF model and swap each recognised MoE block for automoe's MoEBlock, in place."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .families import NAMED_FAMILIES
+from .families.recognize import Unrecognized, block_spec, build_router, find_experts
+from .moe.adopt import adopt_tensor, hf_compatible_class
+from .moe.block import MoEBlock
+from .moe.experts import Experts
+from .moe.spec import BlockSpec
+from .options import AutoMoEOptions
+
+_EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+class AutoMoEWarning(UserWarning):
+    """automoe left (part of) a model as plain transformers; the message says why."""
+
+
+def is_moe_config(config) -> bool:
+    return any(isinstance(getattr(config, k, None), int) and getattr(config, k) > 1 for k in _EXPERT_COUNT_KEYS)
+
+
+def build_block(hf_block: nn.Module, spec: BlockSpec, options: AutoMoEOptions) -> MoEBlock:
+    """An automoe block that owns the HF block's tensors (no copy) under the same names."""
+    hf_experts = getattr(hf_block, spec.experts_attr)
+    experts = hf_compatible_class(Experts, type(hf_experts))(
+        spec.experts, getattr(hf_experts, "act_fn", None), options.experts_backend
+    )
+    names = ["gate_up_proj", "down_proj"] + ["gate_up_proj_bias", "down_proj_bias"] * spec.experts.has_bias
+    for name in names:
+        adopt_tensor(experts, hf_experts, name)
+    router = build_router(getattr(hf_block, spec.router_attr), spec.router, options.router == "balanced")
+    shared = getattr(hf_block, spec.shared_attr) if spec.shared_attr else None
+    shared_gate = getattr(hf_block, spec.shared_gate_attr) if spec.shared_gate_attr else None
+    block = hf_compatible_class(MoEBlock, type(hf_block))(spec, router, experts, shared, shared_gate)
+    # HF's child order, so named_parameters() and state_dict() list tensors exactly as HF does
+    block._modules = {name: block._modules[name] for name, _ in hf_block.named_children()}
+    block.train(hf_block.training)
+    return block
+
+
+def check_backend(spec: BlockSpec, options: AutoMoEOptions, dtype: torch.dtype) -> None:
+    """grouped_mm needs every row of the expert matrices on a 16-byte boundary."""
+    if options.experts_backend != "grouped_mm":
+        return
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    for dim in (spec.experts.hidden_size, spec.experts.intermediate_size):
+        if (dim * itemsize) % 16:
+            raise ValueError(
+                f"experts_backend='grouped_mm' needs hidden and expert intermediate sizes whose rows are multiples "
+                f"of 16 bytes; this model has {dim} x {itemsize} bytes. Pass "
+                "automoe_options={'experts_backend': 'per_expert'} for this shape."
+            )
+
+
+def verify_block(hf_block: nn.Module, block: MoEBlock) -> None:
+    """Run the HF block and automoe's on the same few random tokens; a family matched by structure alone
+    is only accelerated if they agree."""
+    param = block.spec.experts
+    weight = getattr(block, block.spec.experts_attr).gate_up_proj
+    x = torch.randn(1, 8, param.hidden_size, device=weight.device, dtype=weight.dtype)
+    was_training = hf_block.training
+    hf_block.eval()
+    block.eval()
+    with torch.no_grad():
+        ref, out = hf_block(x), block(x)
+    hf_block.train(was_training)
+    block.train(was_training)
+    if isinstance(ref, tuple) != isinstance(out, tuple):
+        raise Unrecognized(f"{type(hf_block).__name__} returns {type(ref).__name__}, not what automoe's block returns")
+    ref, out = (ref[0], out[0]) if isinstance(ref, tuple) else (ref, out)
+    tolerance = 1e-4 if weight.dtype == torch.float32 else 3e-2
+    error = ((ref.float() - out.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+    if not error <= tolerance:
+        raise Unrecognized(
+            f"{type(hf_block).__name__} computes something else than its structure suggests "
+            f"(relative difference {error:.2e} on a probe)"
+        )
+
+
+def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
+    """Replace every recognised MoE block; warn once, naming the family and why, for what stays HF."""
+    if not options.enabled:
+        return model
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    family = getattr(model.config, "model_type", type(model).__name__)
+    verified: dict[type, str | None] = {}
+    problems: dict[str, int] = {}
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, MoEBlock) or find_experts(module) is None:
+            continue
+        try:
+            spec = block_spec(module, config)
+            check_backend(spec, options, getattr(module, spec.experts_attr).gate_up_proj.dtype)
+            block = build_block(module, spec, options)
+            if family not in NAMED_FAMILIES:
+                if type(module) not in verified:
+                    verified[type(module)] = _probe_reason(module, block)
+                if verified[type(module)]:
+                    raise Unrecognized(verified[type(module)])
+        except Unrecognized as why:
+            problems[str(why)] = problems.get(str(why), 0) + 1
+            continue
+        model.set_submodule(name, block)
+        replaced += 1
+    if problems:
+        reasons = "; ".join(f"{why} ({n} block(s))" for why, n in problems.items())
+        warnings.warn(
+            f"automoe: {family}: {sum(problems.values())} MoE block(s) left as plain transformers, "
+            f"{replaced} accelerated. Why: {reasons}.",
+            AutoMoEWarning,
+            stacklevel=3,
+        )
+    elif replaced == 0 and is_moe_config(config):
+        warnings.warn(
+            f"automoe: {family} is a mixture-of-experts model, but its MoE blocks do not hold fused experts "
+            "(gate_up_proj/down_proj) that automoe recognises; loaded as plain transformers, not accelerated.",
+            AutoMoEWarning,
+            stacklevel=3,
+        )
+    return model
+
+
+def _probe_reason(hf_block: nn.Module, block: MoEBlock) -> str | None:
+    weight = getattr(block, block.spec.experts_attr).gate_up_proj
+    if weight.device.type == "meta":
+        return None
+    try:
+        verify_block(hf_block, block)
+    except Unrecognized as why:
+        return str(why)
+    return None
+
