@@ -9,7 +9,7 @@ from torch import nn
 
 from .families import NAMED_FAMILIES
 from .families.recognize import Unrecognized, block_spec, build_router, find_experts
-from .moe.adopt import adopt_tensor, hf_compatible_class
+from .moe.adopt import adopt_tensors, hf_compatible_class
 from .moe.block import MoEBlock
 from .moe.experts import Experts
 from .moe.spec import BlockSpec
@@ -33,8 +33,7 @@ def build_block(hf_block: nn.Module, spec: BlockSpec, options: AutoMoEOptions) -
         spec.experts, getattr(hf_experts, "act_fn", None), options.experts_backend
     )
     names = ["gate_up_proj", "down_proj"] + ["gate_up_proj_bias", "down_proj_bias"] * spec.experts.has_bias
-    for name in names:
-        adopt_tensor(experts, hf_experts, name)
+    adopt_tensors(experts, hf_experts, names)
     router = build_router(getattr(hf_block, spec.router_attr), spec.router, options.router == "balanced")
     shared = getattr(hf_block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(hf_block, spec.shared_gate_attr) if spec.shared_gate_attr else None

@@ -106,12 +106,11 @@ def _cpu_twin(module: nn.Module, dtype: torch.dtype, seed: int) -> nn.Module:
 
 
 def build_router(hf_router: nn.Module, spec: RouterSpec, balanced: bool = False) -> Router:
-    from ..moe.adopt import adopt_tensor, hf_compatible_class
+    from ..moe.adopt import adopt_tensors, hf_compatible_class
 
     router = hf_compatible_class(Router, type(hf_router))(spec, balanced)
     names = ["weight"] + ["bias"] * spec.has_bias + ["e_score_correction_bias"] * spec.has_correction_bias
-    for name in names:
-        adopt_tensor(router, hf_router, name)
+    adopt_tensors(router, hf_router, names)
     return router
 
 

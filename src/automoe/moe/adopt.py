@@ -11,15 +11,17 @@ from torch import nn
 _HF_SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
-def adopt_tensor(dst: nn.Module, src: nn.Module, name: str) -> None:
-    """Register `src.<name>` on `dst` under the same name and kind."""
-    if name in src._parameters:
-        dst.register_parameter(name, src._parameters[name])
-    elif name in src._buffers:
-        persistent = name not in src._non_persistent_buffers_set
-        dst.register_buffer(name, src._buffers[name], persistent=persistent)
-    else:
-        raise AttributeError(f"{type(src).__name__} has no parameter or buffer named {name!r}")
+def adopt_tensors(dst: nn.Module, src: nn.Module, names: list[str]) -> None:
+    """Register `src.<name>` on `dst` for each name, same kind, in `src`'s own order."""
+    missing = set(names) - set(src._parameters) - set(src._buffers)
+    if missing:
+        raise AttributeError(f"{type(src).__name__} has no parameter or buffer named {sorted(missing)}")
+    for name, param in src._parameters.items():
+        if name in names:
+            dst.register_parameter(name, param)
+    for name, buffer in src._buffers.items():
+        if name in names:
+            dst.register_buffer(name, buffer, persistent=name not in src._non_persistent_buffers_set)
 
 
 def hf_compatible_class(automoe_cls: type[nn.Module], hf_cls: type[nn.Module]) -> type[nn.Module]:
