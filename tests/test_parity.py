@@ -10,7 +10,10 @@ from transformers import AutoModelForCausalLM
 from automoe import AutoMoEForCausalLM
 from automoe.moe.block import MoEBlock
 
-ACCELERATED = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe", "flex_olmo", "dots1"]
+ACCELERATED = [
+    "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss",  # named
+    "glm4_moe", "flex_olmo", "dots1", "granitemoe",  # recognised by structure alone
+]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -42,7 +42,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=48,
              n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, first_k_dense_replace=1,
              q_lora_rank=16, kv_lora_rank=16, num_key_value_heads=4, qk_rope_head_dim=8, qk_nope_head_dim=8,
-             v_head_dim=8,             num_hidden_layers=3),
+             v_head_dim=8, num_hidden_layers=3),
     ),
     "gpt_oss": (
         "GptOssConfig",
@@ -54,6 +54,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
         dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=48,
              n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1, num_hidden_layers=3,
              partial_rotary_factor=0.5),
+    ),
+    "granitemoe": (
+        "GraniteMoeConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, output_router_logits=True),
     ),
     "phimoe": (
         "PhimoeConfig",

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from .optimize import optimize_model
+from .moe.block import MoEBlock
+from .optimize import AutoMoEWarning, optimize_model
 from .options import AutoMoEOptions
+
+
+def _optimize(model: PreTrainedModel, options: AutoMoEOptions, hf_kwargs: dict) -> PreTrainedModel:
+    model = optimize_model(model, options)
+    requested = hf_kwargs.get("experts_implementation")
+    if requested is not None and any(isinstance(m, MoEBlock) for m in model.modules()):
+        warnings.warn(
+            f"automoe: experts_implementation={requested!r} applies only to MoE blocks automoe leaves to "
+            f"transformers; automoe's blocks run experts_backend={options.experts_backend!r}. Pass "
+            "automoe_options={'enabled': False} to run transformers' own experts.",
+            AutoMoEWarning,
+            stacklevel=3,
+        )
+    return model
 
 
 class AutoMoEForCausalLM(AutoModelForCausalLM):
@@ -33,7 +49,7 @@ class AutoMoEForCausalLM(AutoModelForCausalLM):
 
             return load_pretrained_distributed(pretrained_model_name_or_path, distributed_setup, options, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return optimize_model(model, options)
+        return _optimize(model, options, kwargs)
 
     @classmethod
     def from_config(
@@ -49,4 +65,4 @@ class AutoMoEForCausalLM(AutoModelForCausalLM):
 
             return build_from_config_distributed(config, distributed_setup, options, **kwargs)
         model = AutoModelForCausalLM.from_config(config, **kwargs)
-        return optimize_model(model, options)
+        return _optimize(model, options, kwargs)
