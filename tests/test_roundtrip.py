@@ -73,3 +73,14 @@ def test_bf16_dtypes_are_kept(tmp_path):
     ours = AutoMoEForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
     assert_same_state(ours, hf)
+
+
+def test_hf_loading_keywords_pass_through(tmp_path):
+    AutoModelForCausalLM.from_config(make_config("qwen3_moe")).save_pretrained(tmp_path)
+    ours = AutoMoEForCausalLM.from_pretrained(
+        tmp_path, device_map="cpu", attn_implementation="eager", dtype=torch.bfloat16
+    )
+    assert ours.config._attn_implementation == "eager"
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    ids = torch.randint(0, ours.config.vocab_size, (1, 8))
+    assert torch.isfinite(ours(input_ids=ids, labels=ids).loss)

@@ -46,6 +46,7 @@ class LocalDispatcher:
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         order, weights, num_tokens, top_k = dispatched.state
-        weighted = expert_out * weights.unsqueeze(-1).to(expert_out.dtype)
+        # fp32 router weights (Mixtral, DeepSeek) keep the weighted sum in fp32, as HF computes it
+        weighted = expert_out * weights.unsqueeze(-1)
         unsorted = torch.empty_like(weighted).index_copy(0, order, weighted)
         return unsorted.view(num_tokens, top_k, -1).sum(dim=1)
