@@ -9,6 +9,7 @@ from torch import nn
 
 from .families import NAMED_FAMILIES
 from .families.recognize import Unrecognized, block_spec, build_router, find_experts
+from .kernels import apply_kernels
 from .moe.adopt import adopt_tensors, hf_compatible_class
 from .moe.block import MoEBlock
 from .moe.experts import Experts
@@ -124,6 +125,7 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
             AutoMoEWarning,
             stacklevel=3,
         )
+    apply_kernels(model, options)
     return model
 
 

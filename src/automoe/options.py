@@ -7,6 +7,7 @@ from typing import Any
 
 EXPERTS_BACKENDS = ("grouped_mm", "per_expert")
 ROUTER_MODES = ("model", "balanced")
+KERNEL_MODES = ("auto", "triton", "torch", "off")
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,19 @@ class AutoMoEOptions:
         experts; the reference path, slow).
     router: "model" (the family's own router) or "balanced" (token i goes to experts (i*k + j) % E;
         for benchmarks only, it changes what the model computes).
+    kernels: "auto" (fused Triton kernels on CUDA tensors, their torch references elsewhere), "triton" (Triton
+        or an error), "torch" (the references everywhere) or "off" (only the MoE blocks are swapped).
+        See automoe.kernels.
+    fused_loss: compute the training loss from hidden states in chunks, never making the [tokens, vocab]
+        logits; with labels in training mode the output's logits are then None. Off by default because
+        callers may read the logits.
     """
 
     enabled: bool = True
     experts_backend: str = "grouped_mm"
     router: str = "model"
+    kernels: str = "auto"
+    fused_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.experts_backend not in EXPERTS_BACKENDS:
@@ -33,6 +42,10 @@ class AutoMoEOptions:
         if self.router not in ROUTER_MODES:
             raise ValueError(
                 f"automoe_options: unknown router {self.router!r}; choose one of {', '.join(ROUTER_MODES)}."
+            )
+        if self.kernels not in KERNEL_MODES:
+            raise ValueError(
+                f"automoe_options: unknown kernels {self.kernels!r}; choose one of {', '.join(KERNEL_MODES)}."
             )
 
     @classmethod

@@ -31,6 +31,8 @@ class MoEBlock(nn.Module):
         if spec.shared_gate_attr:
             self.add_module(spec.shared_gate_attr, shared_gate)
         self.dispatcher = LocalDispatcher(spec.experts.num_experts)
+        # set by automoe.kernels: dispatch + experts + combine in one fused call, used while dispatch is local
+        self.fused_routed = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shape = hidden_states.shape
@@ -39,11 +41,14 @@ class MoEBlock(nn.Module):
             noise = torch.empty_like(x).uniform_(1.0 - self.spec.jitter_noise, 1.0 + self.spec.jitter_noise)
             x = x * noise
         _, topk_weights, topk_ids = getattr(self, self.spec.router_attr)(x)
-        dispatched = self.dispatcher.dispatch(x, topk_ids, topk_weights)
-        expert_out = getattr(self, self.spec.experts_attr)(
-            dispatched.tokens, dispatched.counts, dispatched.row_expert
-        )
-        out = self.dispatcher.combine(expert_out, dispatched).to(x.dtype)
+        if self.fused_routed is not None and type(self.dispatcher) is LocalDispatcher:
+            out = self.fused_routed(x, topk_ids, topk_weights, getattr(self, self.spec.experts_attr)).to(x.dtype)
+        else:
+            dispatched = self.dispatcher.dispatch(x, topk_ids, topk_weights)
+            expert_out = getattr(self, self.spec.experts_attr)(
+                dispatched.tokens, dispatched.counts, dispatched.row_expert
+            )
+            out = self.dispatcher.combine(expert_out, dispatched).to(x.dtype)
         if self.spec.shared_attr:
             shared = getattr(self, self.spec.shared_attr)(x)
             if self.spec.shared_gate_attr:

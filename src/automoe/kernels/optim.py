@@ -1,0 +1,100 @@
+"""AdamW with torch.optim.AdamW's update, one Triton pass per parameter on the GPU.
+
+The update is memory-bound (read param, grad, exp_avg, exp_avg_sq; write three of them): the kernel does it
+in one pass computing in fp32, with the same formula and order as torch's fused AdamW. The reference path
+(any device) is the same math in torch ops. The step count lives on the host, so no step synchronises.
+State keys and layout match torch.optim.AdamW (step, exp_avg, exp_avg_sq), so state dicts move between them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .select import triton_available, use_triton
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, lr, beta1, beta2, eps, decay, step_size, bc2_sqrt,
+                      BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+        p = p * decay
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        p = p - step_size * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+def adamw_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """In place, fp32 arithmetic, rounded once to each tensor's dtype (torch's fused AdamW's order)."""
+    step_size = lr / (1 - beta1**step)
+    bc2_sqrt = math.sqrt(1 - beta2**step)
+    pf, gf = p.float() * (1 - lr * weight_decay), g.float()
+    mf = m.float().mul_(beta1).add_(gf, alpha=1 - beta1)
+    vf = v.float().mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
+    pf.sub_(step_size * mf / (vf.sqrt() / bc2_sqrt + eps))
+    p.copy_(pf)
+    m.copy_(mf)
+    v.copy_(vf)
+
+
+class AdamW(torch.optim.Optimizer):
+    """torch.optim.AdamW(lr, betas, eps, weight_decay) without amsgrad/maximize; `kernels` picks the path."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, kernels: str = "auto") -> None:
+        if not isinstance(lr, float | int) or lr < 0:
+            raise ValueError(f"automoe AdamW: lr must be a non-negative float (a tensor lr would sync), got {lr!r}")
+        super().__init__(params, dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.kernels = kernels
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("automoe AdamW does not take sparse gradients; use torch.optim.SparseAdam.")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"].item()  # a CPU tensor: no device sync
+                args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
+                if use_triton(self.kernels, p) and _contiguous(p, p.grad, state["exp_avg"], state["exp_avg_sq"]):
+                    _launch(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *args)
+                else:
+                    adamw_reference(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *args)
+        return loss
+
+
+def _contiguous(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors)
+
+
+def _launch(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    n = p.numel()
+    block = 4096
+    _adamw_kernel[(triton.cdiv(n, block),)](
+        p, g, m, v, n, lr, beta1, beta2, eps, 1.0 - lr * weight_decay,
+        lr / (1 - beta1**step), math.sqrt(1 - beta2**step), BLOCK=block, num_warps=8,
+    )

@@ -1,0 +1,32 @@
+"""apply_kernels: the one call optimize_model makes to put automoe's fused kernels into a built model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..moe.block import MoEBlock
+from ..options import AutoMoEOptions
+from .attention import patch_attention
+from .causal_lm import patch_causal_lm
+from .moe import fusable, local_routed_fn
+from .rmsnorm import patch_rms_norms
+from .select import check_mode
+
+
+def apply_kernels(model: nn.Module, options: AutoMoEOptions) -> dict[str, int]:
+    """Fused routed experts in every grouped_mm MoEBlock that can take them, fused RMSNorm, cuDNN-first
+    attention and, with `options.fused_loss`, the chunked linear + cross-entropy loss. Returns what was
+    patched, by kind."""
+    mode = check_mode(options.kernels)
+    if mode == "off":
+        return {}
+    done = {"moe_blocks": 0}
+    grouped = options.experts_backend == "grouped_mm"
+    for module in model.modules():
+        if grouped and isinstance(module, MoEBlock) and fusable(module.spec.experts):
+            module.fused_routed = local_routed_fn(mode)
+            done["moe_blocks"] += 1
+    done["rms_norms"] = patch_rms_norms(model, mode)
+    done["attention"] = int(patch_attention(model))
+    done["fused_loss"] = int(options.fused_loss and patch_causal_lm(model, mode))
+    return done

@@ -1,0 +1,47 @@
+"""The one place that chooses between a kernel's Triton path and its plain-torch reference."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..options import KERNEL_MODES
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """TRITON_INTERPRET=1 runs Triton kernels on CPU tensors (slowly): how the kernels are tested without a GPU."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(mode: str, tensor: torch.Tensor) -> bool:
+    """True when `mode` asks for (or allows) the Triton path and it can run on `tensor`'s device.
+
+    "auto": Triton for CUDA tensors when triton imports, torch otherwise; "triton": Triton or a clear error;
+    "torch": always the reference path.
+    """
+    if mode in ("torch", "off"):
+        return False
+    runnable = triton_available() and (tensor.is_cuda or interpreting())
+    if mode == "triton" and not runnable:
+        raise RuntimeError(
+            f"automoe kernels='triton' needs the triton package and a CUDA tensor (got a {tensor.device.type} "
+            "tensor); pass automoe_options={'kernels': 'auto'} to fall back to the torch reference."
+        )
+    return runnable
+
+
+def check_mode(mode: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"automoe: unknown kernels mode {mode!r}; choose one of {', '.join(KERNEL_MODES)}.")
+    return mode

@@ -1,0 +1,210 @@
+"""Each fused kernel's torch path against its plain reference (fp32 CPU), and the model-level patches against
+plain transformers. The Triton paths are held to the same references in test_kernels_triton.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_configs import make_config
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from automoe import AutoMoEForCausalLM
+from automoe.kernels import AdamW, cross_entropy, moe, rmsnorm, swiglu
+from automoe.kernels.select import use_triton
+from automoe.moe.dispatch import LocalDispatcher
+from automoe.moe.experts import Experts
+from automoe.moe.spec import ExpertsSpec
+from automoe.options import AutoMoEOptions
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+SPECS = {
+    "swiglu": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8),
+    "gpt_oss": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8, activation="clamped_swiglu",
+                           interleaved=True, transposed=True, swiglu_limit=1.0),
+}
+
+
+def make_experts(spec: ExpertsSpec) -> Experts:
+    experts = Experts(spec, nn.SiLU(), "grouped_mm")
+    e, h, i = spec.num_experts, spec.hidden_size, spec.intermediate_size
+    gate_up = torch.randn(e, h, 2 * i) if spec.transposed else torch.randn(e, 2 * i, h)
+    down = torch.randn(e, i, h) if spec.transposed else torch.randn(e, h, i)
+    experts.gate_up_proj = nn.Parameter(gate_up * 0.3)
+    experts.down_proj = nn.Parameter(down * 0.3)
+    return experts
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_weighted_activation_backward_matches_autograd(name):
+    spec = SPECS[name]
+    h = torch.randn(20, 2 * spec.intermediate_size, requires_grad=True)
+    w = torch.rand(20, requires_grad=True)
+    out = swiglu.weighted_activation_reference(h, w, spec, nn.SiLU())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    dh, dw, act = swiglu.weighted_activation_backward(grad, h.detach(), w.detach(), spec, nn.SiLU(), "torch")
+    assert rel(act, out.detach()) < 1e-6
+    assert rel(dh, h.grad) < 1e-6 and rel(dw, w.grad) < 1e-6
+
+
+def composed(experts: Experts, x, ids, weights):
+    """The core's dispatch -> experts -> combine, autograd all the way: the reference of RoutedExperts."""
+    dispatcher = LocalDispatcher(experts.spec.num_experts)
+    d = dispatcher.dispatch(x, ids, weights)
+    return dispatcher.combine(experts(d.tokens, d.counts, d.row_expert), d)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("recompute", [False, True])
+def test_routed_experts_match_composed_path(name, recompute, monkeypatch):
+    if recompute:
+        monkeypatch.setattr(moe, "RECOMPUTE_ABOVE_TOKENS", 0)
+    spec = SPECS[name]
+    experts = make_experts(spec)
+    tokens, top_k = 24, 3
+    x = torch.randn(tokens, spec.hidden_size, requires_grad=True)
+    logits = torch.randn(tokens, spec.num_experts)
+    logits[:, 0] = -1e4  # expert 0 gets no token: empty groups must work
+    ids = logits.topk(top_k, dim=-1).indices
+    weights = torch.rand(tokens, top_k, requires_grad=True)
+    ref = composed(experts, x, ids, weights)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, weights, experts.gate_up_proj, experts.down_proj), grad)
+    out = moe.routed_experts(x, ids, weights, experts, "torch")
+    grads = torch.autograd.grad(out, (x, weights, experts.gate_up_proj, experts.down_proj), grad)
+    assert rel(out, ref) < 1e-5
+    for got, want in zip(grads, ref_grads, strict=True):
+        assert got.shape == want.shape and got.is_contiguous()
+        assert rel(got, want) < 1e-5
+
+
+def test_rms_norm_matches_hf_forward_and_backward():
+    norm = AutoModelForCausalLM.from_config(make_config("qwen3_moe")).model.norm
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 5, norm.weight.shape[0], requires_grad=True)
+    ref = norm(x)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, norm.weight), grad)
+    out = rmsnorm.rms_norm(x, norm.weight, norm.variance_epsilon, "torch")
+    grads = torch.autograd.grad(out, (x, norm.weight), grad)
+    assert rel(out, ref) < 1e-6
+    assert rel(grads[0], ref_grads[0]) < 1e-5 and rel(grads[1], ref_grads[1]) < 1e-5
+
+
+class OnePlusNorm(nn.Module):
+    """Gemma-style: scales by (1 + weight). Named like an RMSNorm, but computes something else."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(size))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+OnePlusNorm.__name__ = "GemmaLikeRMSNorm"
+
+
+def test_rms_norm_patch_skips_a_norm_that_computes_something_else():
+    model = nn.Sequential(OnePlusNorm(8))
+    assert rmsnorm.patch_rms_norms(model, "torch") == 0
+    assert type(model[0]) is OnePlusNorm
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 30, 64 * 4])
+def test_linear_cross_entropy_matches_logits_path(chunk_bytes, monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", chunk_bytes)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(64, 16, requires_grad=True)
+    labels = torch.randint(0, 64, (2, 9))
+    labels[0, 3] = labels[1, 0] = -100
+    for num_items in (None, 7):
+        logits = hidden @ weight.t()
+        shifted = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        reduction = "mean" if num_items is None else "sum"
+        ref = nn.functional.cross_entropy(logits.view(-1, 64), shifted.reshape(-1), reduction=reduction)
+        ref = ref if num_items is None else ref / num_items
+        ref_grads = torch.autograd.grad(ref * 3.0, (hidden, weight))
+        loss = cross_entropy.causal_lm_loss(hidden, weight, labels, "torch", num_items)
+        grads = torch.autograd.grad(loss * 3.0, (hidden, weight))
+        assert rel(loss, ref) < 1e-6
+        assert rel(grads[0], ref_grads[0]) < 1e-5 and rel(grads[1], ref_grads[1]) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_fused_loss_model_matches_hf_loss_aux_loss_and_grads(family):
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(make_config(family), experts_implementation="eager")
+    ours = AutoMoEForCausalLM.from_config(make_config(family), automoe_options={"fused_loss": True})
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 128, (2, 12))
+    out_ref, out = ref(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert out.logits is None, "training with labels: no [tokens, vocab] logits"
+    assert rel(out.loss, out_ref.loss) < 1e-5
+    if out_ref.aux_loss is not None:
+        assert rel(out.aux_loss, out_ref.aux_loss) < 1e-5
+    out.loss.backward()
+    out_ref.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        if ref_params[name].grad is not None:
+            assert rel(param.grad, ref_params[name].grad) < 1e-4, name
+    ours.eval()
+    assert rel(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits) < 1e-5
+
+
+def test_packed_sequences_with_document_masking_match_hf_sdpa():
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(make_config("qwen3_moe"), attn_implementation="sdpa")
+    ours = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"))
+    ours.load_state_dict(ref.state_dict())
+    assert ours.config._attn_implementation == "automoe_sdpa"
+    ids = torch.randint(0, 128, (1, 16))
+    positions = torch.cat([torch.arange(10), torch.arange(6)])[None]
+    packed = ours(input_ids=ids, position_ids=positions, use_cache=False).logits
+    assert rel(packed, ref(input_ids=ids, position_ids=positions, use_cache=False).logits) < 1e-5
+    alone = ours(input_ids=ids[:, 10:]).logits
+    assert rel(packed[:, 10:], alone) < 1e-5, "the second document must not see the first"
+
+
+def test_kernels_off_leaves_norms_and_attention_plain():
+    model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"kernels": "off"})
+    assert model.config._attn_implementation == "sdpa"
+    assert type(model.model.norm).__mro__[1] is nn.Module
+    assert all(block.fused_routed is None for block in model.modules() if hasattr(block, "fused_routed"))
+
+
+def test_adamw_matches_torch_adamw_over_steps():
+    torch.manual_seed(0)
+    params = [torch.randn(33, 7), torch.randn(5)]
+    ours = [nn.Parameter(p.clone()) for p in params]
+    ref = [nn.Parameter(p.clone()) for p in params]
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+    opt, ref_opt = AdamW(ours, kernels="torch", **kw), torch.optim.AdamW(ref, foreach=False, **kw)
+    for _ in range(4):
+        for a, b in zip(ours, ref, strict=True):
+            g = torch.randn_like(a)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref, strict=True):
+        assert rel(a, b) < 1e-6
+        assert rel(opt.state[a]["exp_avg_sq"], ref_opt.state[b]["exp_avg_sq"]) < 1e-6
+    assert set(opt.state_dict()["state"][0]) == set(ref_opt.state_dict()["state"][0])
+
+
+def test_bad_kernel_choices_say_how_to_fix():
+    with pytest.raises(ValueError, match="unknown kernels"):
+        AutoMoEOptions(kernels="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="kernels': 'auto'"):
+            use_triton("triton", torch.zeros(1))
+    with pytest.raises(ValueError, match="non-negative float"):
+        AdamW([nn.Parameter(torch.zeros(1))], lr=torch.tensor(1e-3))
