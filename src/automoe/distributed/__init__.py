@@ -1,0 +1,5 @@
+"""Expert parallelism orthogonal to FSDP2: the setup (mesh), the all-to-all dispatcher, and how they are applied."""
+
+from .setup import DistributedSetup, create_distributed_setup_from_config
+
+__all__ = ["DistributedSetup", "create_distributed_setup_from_config"]

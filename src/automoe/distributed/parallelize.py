@@ -1,0 +1,149 @@
+"""Apply expert parallelism, activation checkpointing and FSDP2 to a built model (model code stays single-device).
+
+Order: experts become DTensors Shard(0) over `ep` (and their block gets the all-to-all dispatcher), decoder
+layers get checkpointing, then fully_shard on each experts module (over the ranks sharing an expert shard),
+on each decoder layer (the whole data-parallel world) and on the root.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.utils import checkpoint as torch_checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from ..moe.block import MoEBlock
+from .dispatch import AllToAllDispatcher
+from .setup import DistributedSetup
+
+EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+
+_aten = torch.ops.aten
+_ROUTING_OPS = frozenset({_aten.topk.default})
+_ATTENTION_OPS = frozenset(
+    getattr(_aten, name).default
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+    )
+    if hasattr(_aten, name)
+)
+
+
+# FSDP2's hooks of the experts module run inside the checkpointed layer and open a different number of profiler
+# ranges in the forward and in the recomputation; selective checkpointing must not count those as ops to match.
+_PROFILER_OPS = ("_record_function_enter_new", "_record_function_exit")
+torch_checkpoint.SAC_IGNORED_OPS.update(
+    getattr(packet, name)
+    for packet in (getattr(torch.ops.profiler, op, None) for op in _PROFILER_OPS)
+    if packet is not None
+    for name in packet.overloads()
+)
+
+
+class LocalShardExperts:
+    """Mixed into an experts module under EP: its tensors are DTensors over `ep`, while Experts (and the fused
+    kernel) compute on plain tensors, so forward runs on their local shards (to_local is differentiable: the
+    gradients come back as DTensors with the same placements).
+
+    `fused` runs a block's fused dispatch+experts+combine function instead (automoe.kernels), still through
+    this module's call, so FSDP2's unshard/reshard hooks on the experts fire around it."""
+
+    def forward(self, *args: torch.Tensor, fused: Callable | None = None) -> torch.Tensor:
+        sharded = {n: p for n in EXPERT_TENSORS if isinstance(p := self._parameters.get(n), DTensor)}
+        try:
+            for name, param in sharded.items():
+                self._parameters[name] = param.to_local()
+            return fused(*args, self) if fused is not None else super().forward(*args)
+        finally:
+            self._parameters.update(sharded)
+
+
+def _fused_through_experts(fused: Callable, x, topk_ids, topk_weights, experts: nn.Module) -> torch.Tensor:
+    return experts(x, topk_ids, topk_weights, fused=fused)
+
+
+_LOCAL_CLASSES: dict[type, type] = {}
+
+
+def _local_shard_class(cls: type) -> type:
+    if cls not in _LOCAL_CLASSES:
+        _LOCAL_CLASSES[cls] = type(f"EP{cls.__name__}", (LocalShardExperts, cls), {"__module__": cls.__module__})
+    return _LOCAL_CLASSES[cls]
+
+
+def shard_experts(experts: nn.Module, setup: DistributedSetup) -> None:
+    """Replace each expert tensor [E, ...] by a DTensor Shard(0) over `ep` holding this rank's E/ep experts."""
+    ep_mesh = setup.ep_mesh
+    rank = ep_mesh.get_local_rank()
+    for name in EXPERT_TENSORS:
+        param = experts._parameters.get(name)
+        if param is None:
+            continue
+        setup.check_num_experts(param.shape[0])
+        per_rank = param.shape[0] // setup.ep_size
+        local = param.detach()[rank * per_rank : (rank + 1) * per_rank]
+        local = local if local.is_meta else local.clone()
+        dtensor = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=param.shape,
+                                     stride=param.stride())
+        experts._parameters[name] = nn.Parameter(dtensor, requires_grad=param.requires_grad)
+    experts.__class__ = _local_shard_class(type(experts))
+
+
+def _policy(save: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpoint_function(mode: str):
+    """The function decoder layers checkpoint with. Both modes keep the router's top-k outputs, so recomputation
+    never reroutes (a recomputed routing could change token counts and break the saved graph). "full"
+    recomputes everything else; "selective" also keeps the attention kernel's outputs."""
+    save = _ROUTING_OPS | (_ATTENTION_OPS if mode == "selective" else frozenset())
+    context_fn = partial(create_selective_checkpoint_contexts, partial(_policy, save))
+    return partial(checkpoint, use_reentrant=False, context_fn=context_fn)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no transformers decoder layers (GradientCheckpointingLayer)")
+    return layers
+
+
+def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
+    """EP + activation checkpointing + FSDP2, in place. Works on meta-device models (then call to_empty)."""
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    for block in blocks:
+        setup.check_num_experts(block.spec.experts.num_experts)
+    layers = decoder_layers(model)
+    mp = MixedPrecisionPolicy(param_dtype=setup.param_dtype, reduce_dtype=setup.reduce_dtype)
+    for block in blocks:
+        experts = getattr(block, block.spec.experts_attr)
+        shard_experts(experts, setup)
+        if setup.ep_size > 1:
+            block.dispatcher = AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group())
+        fused = getattr(block, "fused_routed", None)
+        if fused is not None:
+            block.fused_routed = partial(_fused_through_experts, fused)
+        fully_shard(experts, mesh=setup.expert_dp_mesh, reshard_after_forward=setup.reshard_after_forward,
+                    mp_policy=mp)
+        # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
+        # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
+        experts.set_gradient_divide_factor(float(setup.world_size))
+    if setup.activation_checkpointing != "off":
+        function = checkpoint_function(setup.activation_checkpointing)
+        for layer in layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = function
+    for layer in layers:
+        fully_shard(layer, mesh=setup.dp_mesh, reshard_after_forward=setup.reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mesh=setup.dp_mesh, reshard_after_forward=False, mp_policy=mp)
+    return model
