@@ -1,0 +1,158 @@
+"""The Triton kernels against their torch references: on a GPU in bf16, or on CPU through Triton's
+interpreter (TRITON_INTERPRET=1) in fp32. Skipped where neither can run (CI has no GPU and no triton).
+
+Tolerances, as relative L2 error: fp32 (interpreter) 1e-5; bf16 elementwise kernels 1e-2 (a few bf16
+roundings); bf16 GEMM chains (routed experts, against an fp32 reference) 2e-2.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from automoe.kernels import AdamW, cross_entropy, moe, rmsnorm, swiglu
+from automoe.kernels.select import interpreting, triton_available
+from automoe.moe.experts import Experts
+from automoe.moe.spec import ExpertsSpec
+
+GPU = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    not triton_available() or not (GPU or interpreting()),
+    reason="needs triton and a GPU (or TRITON_INTERPRET=1 on CPU)",
+)
+DEVICE = "cuda" if GPU else "cpu"
+DTYPE = torch.bfloat16 if GPU else torch.float32
+TOL = 1e-2 if GPU else 1e-5
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def randn(*shape, scale=1.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(DTYPE)
+
+
+SPEC = ExpertsSpec(num_experts=8, hidden_size=64, intermediate_size=96)
+
+
+def test_swiglu_forward_backward():
+    h, w = randn(37, 2 * SPEC.intermediate_size), torch.rand(37, device=DEVICE)
+    grad = randn(37, SPEC.intermediate_size)
+    out = swiglu.weighted_activation(h, w, SPEC, nn.SiLU(), "triton")
+    assert rel(out, swiglu.weighted_activation_reference(h.float(), w, SPEC, nn.SiLU())) < TOL
+    got = swiglu.weighted_activation_backward(grad, h, w, SPEC, nn.SiLU(), "triton")
+    want = swiglu.weighted_activation_backward(grad.float(), h.float(), w, SPEC, nn.SiLU(), "torch")
+    for a, b in zip(got, want, strict=True):
+        assert rel(a, b) < TOL
+
+
+def test_routed_experts_triton_match_fp32_reference():
+    experts = Experts(SPEC, nn.SiLU(), "grouped_mm")
+    e, hid, inter = SPEC.num_experts, SPEC.hidden_size, SPEC.intermediate_size
+    experts.gate_up_proj = nn.Parameter(randn(e, 2 * inter, hid, scale=0.2))
+    experts.down_proj = nn.Parameter(randn(e, hid, inter, scale=0.2))
+    x = randn(300, hid).requires_grad_(True)
+    ids = torch.randn(300, e, device=DEVICE).topk(2, dim=-1).indices
+    weights = torch.rand(300, 2, device=DEVICE, requires_grad=True)
+    out = moe.routed_experts(x, ids, weights, experts, "triton")
+    grad = torch.randn_like(out)
+    params = (x, weights, experts.gate_up_proj, experts.down_proj)
+    got = (out, *torch.autograd.grad(out, params, grad))
+    ref_experts = Experts(SPEC, nn.SiLU(), "grouped_mm")
+    ref_experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach().float())
+    ref_experts.down_proj = nn.Parameter(experts.down_proj.detach().float())
+    xf = x.detach().float().requires_grad_(True)
+    ref = moe.routed_experts(xf, ids, weights, ref_experts, "torch")
+    want = (ref, *torch.autograd.grad(ref, (xf, weights, ref_experts.gate_up_proj, ref_experts.down_proj),
+                                      grad.float()))
+    for a, b in zip(got, want, strict=True):
+        assert rel(a, b) < 2 * TOL
+
+
+@pytest.mark.parametrize("cols", [128, 2048, 100])
+def test_rms_norm(cols):
+    x = randn(3, 41, cols).requires_grad_(True)
+    weight = torch.rand(cols, device=DEVICE).to(DTYPE).requires_grad_(True)
+    out = rmsnorm.rms_norm(x, weight, 1e-6, "triton")
+    grad = randn(*out.shape)
+    got = (out, *torch.autograd.grad(out, (x, weight), grad))
+    xf, wf = x.detach().float().requires_grad_(True), weight.detach().float().requires_grad_(True)
+    ref = rmsnorm.rms_norm_reference(xf, wf, 1e-6)
+    want = (ref, *torch.autograd.grad(ref, (xf, wf), grad.float()))
+    for a, b in zip(got, want, strict=True):
+        assert rel(a, b) < TOL
+
+
+def test_cross_entropy_grad_kernel():
+    logits, labels = randn(19, 5000, scale=3.0), torch.randint(0, 5000, (19,), device=DEVICE)
+    labels[4] = cross_entropy.IGNORE_INDEX
+    scale = torch.tensor(0.25, device=DEVICE)
+    want_loss, want_grad = cross_entropy.ce_grad_reference(logits.float(), labels, scale)
+    loss, grad = cross_entropy._ce_grad(logits.clone(), labels, scale, "triton")
+    assert rel(loss, want_loss) < TOL and rel(grad, want_grad) < TOL
+    assert loss[4] == 0 and grad[4].abs().max() == 0
+
+
+def test_adamw_same_update_as_torch():
+    params = [randn(1000, 33), randn(7)]
+    ours = [nn.Parameter(p.clone()) for p in params]
+    ref = [nn.Parameter(p.clone()) for p in params]
+    kw = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdamW(ours, kernels="triton", **kw)
+    ref_opt = torch.optim.AdamW(ref, fused=GPU, foreach=False if not GPU else None, **kw)
+    for _ in range(3):
+        for a, b in zip(ours, ref, strict=True):
+            g = randn(*a.shape)
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step()
+        ref_opt.step()
+    for a, b in zip(ours, ref, strict=True):
+        # bf16: the same fp32 arithmetic rounded once; allow one bf16 ulp on a few elements
+        assert rel(a, b) < (1e-3 if GPU else 1e-6)
+
+
+@pytest.mark.skipif(not GPU, reason="cuDNN attention and host syncs exist only on the GPU")
+def test_attention_uses_cudnn_and_matches_math():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from automoe.kernels.attention import automoe_sdpa_forward
+
+    module = nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = 8, True, True
+    q = torch.randn(1, 32, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 4, 1024, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out, _ = automoe_sdpa_forward(module, q, k, v, None, scaling=128**-0.5)
+        out.backward(torch.ones_like(out))
+    names = " ".join(e.name for e in prof.events()).lower()
+    assert "cudnn" in names, "the cuDNN backend was not picked"
+    qf, kf, vf = (t.detach().float().requires_grad_(True) for t in (q, k, v))
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = torch.nn.functional.scaled_dot_product_attention(qf, kf, vf, is_causal=True, enable_gqa=True,
+                                                                scale=128**-0.5)
+    ref.backward(torch.ones_like(ref))
+    assert rel(out.transpose(1, 2), ref) < TOL
+    assert rel(q.grad, qf.grad) < 2 * TOL and rel(k.grad, kf.grad) < 2 * TOL
+
+
+@pytest.mark.skipif(not GPU, reason="host syncs exist only on the GPU")
+def test_moe_layer_step_has_no_host_sync():
+    import sys
+
+    sys.path.insert(0, "tests")
+    from tiny_configs import make_config
+
+    from automoe import AutoMoEForCausalLM
+
+    model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), dtype=torch.bfloat16).cuda()
+    block = model.model.layers[0].mlp
+    x = torch.randn(1, 64, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    block(x).sum().backward()  # warm-up (first calls may sync while loading kernels)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        block(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
