@@ -41,7 +41,7 @@ _ATTENTION_OPS = frozenset(
 # FSDP2's hooks of the experts module run inside the checkpointed layer and open a different number of profiler
 # ranges in the forward and in the recomputation; selective checkpointing must not count those as ops to match.
 _PROFILER_OPS = ("_record_function_enter_new", "_record_function_exit")
-torch_checkpoint.SAC_IGNORED_OPS.update(
+getattr(torch_checkpoint, "SAC_IGNORED_OPS", set()).update(
     getattr(packet, name)
     for packet in (getattr(torch.ops.profiler, op, None) for op in _PROFILER_OPS)
     if packet is not None
@@ -135,9 +135,10 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
             block.fused_routed = partial(_fused_through_experts, fused)
         fully_shard(experts, mesh=setup.expert_dp_mesh, reshard_after_forward=setup.reshard_after_forward,
                     mp_policy=mp)
-        # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
-        # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
-        experts.set_gradient_divide_factor(float(setup.world_size))
+        if setup.ep_size > 1:
+            # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
+            # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
+            experts.set_gradient_divide_factor(float(setup.world_size))
     if setup.activation_checkpointing != "off":
         function = checkpoint_function(setup.activation_checkpointing)
         for layer in layers:
