@@ -138,7 +138,8 @@ def main() -> None:
     for label in ("fsdp2_ep1", "fsdp2_ep1_no_reshard"):
         got = results[label]
         results[f"{label}_step_ratio"] = got["step_ms"] / ref["step_ms"]
-        results[f"{label}_max_loss_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(got["losses"], ref["losses"]))
+        pairs = zip(got["losses"], ref["losses"], strict=True)
+        results[f"{label}_max_loss_rel_diff"] = max(abs(a - b) / abs(b) for a, b in pairs)
     summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
     for label in ("dropin", "fsdp2_ep1", "fsdp2_ep1_no_reshard"):
         summary[f"{label}_step_ms"] = results[label]["step_ms"]
