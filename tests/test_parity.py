@@ -12,7 +12,7 @@ from automoe.moe.block import MoEBlock
 
 ACCELERATED = [
     "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss",  # named
-    "glm4_moe", "flex_olmo", "dots1", "granitemoe",  # recognised by structure alone
+    "glm4_moe", "flex_olmo", "dots1",  # recognised by structure alone
 ]
 
 
