@@ -139,6 +139,10 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
             # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
             # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
             experts.set_gradient_divide_factor(float(setup.world_size))
+            if setup.device.type == "cpu" and setup.ep_shard_size > 1:
+                # gloo has no PREMUL_SUM: reduce with SUM, then divide (FSDP2 skips the collective, and divides
+                # by the factor itself, when the shard group is a single rank)
+                experts.set_force_sum_reduction_for_comms(True)
     if setup.activation_checkpointing != "off":
         function = checkpoint_function(setup.activation_checkpointing)
         for layer in layers:

@@ -1,0 +1,258 @@
+"""Expert parallelism + FSDP2 on CPU with gloo: 2 and 4 processes, ep_size 1, 2 and 4, each rank fed different
+tokens, held to the single-process HF model on the concatenated batch.
+
+Every rank's loss is the mean over its own tokens and token counts are equal, so the mean of the rank losses is
+HF's loss on the concatenated batch, and FSDP's averaged gradients must equal HF's (1e-4 relative, fp32). The
+tiny qwen3_moe config is used without the router aux loss, which is not a mean over tokens (it is a product of
+per-expert means) and so does not split across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from tiny_configs import make_config
+from torch.distributed.tensor import Shard
+from transformers import AutoModelForCausalLM
+
+from automoe import AutoMoEForCausalLM, create_distributed_setup_from_config
+from automoe.checkpoint.safetensors_io import SafetensorsFile
+from automoe.moe.router import Router
+
+TOKENS_PER_RANK = (2, 16)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, scenarios: list, paths: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        for name, kwargs in scenarios:
+            try:
+                SCENARIOS[name](paths, **kwargs)
+            except Exception as err:
+                raise AssertionError(f"rank {rank}, scenario {name} {kwargs}: {err}\n{traceback.format_exc()}") from err
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, scenarios: list, paths: dict) -> None:
+    mp.spawn(_entry, args=(world, _free_port(), scenarios, paths), nprocs=world, join=True)
+
+
+def _batch(world: int) -> torch.Tensor:
+    rows, seq = TOKENS_PER_RANK
+    return torch.randint(3, 128, (world * rows, seq), generator=torch.Generator().manual_seed(11))
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _my_rows(ids: torch.Tensor) -> torch.Tensor:
+    rows = TOKENS_PER_RANK[0]
+    return ids[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+
+
+def _check_expert_meshes(model, ep: int) -> int:
+    count = 0
+    for name, param in model.named_parameters():
+        if ".experts." not in name:
+            continue
+        names = param.device_mesh.mesh_dim_names
+        assert "ep" in names, (name, names)
+        assert param.placements[names.index("ep")] == Shard(0), (name, param.placements)
+        assert param.device_mesh.size(names.index("ep")) == ep
+        count += 1
+    assert count > 0
+    return count
+
+
+def _parity(paths: dict, family: str = "qwen3_moe", ep: int = 1, ac: str = "off", replicate: int = 1) -> None:
+    """Gradients, loss, one AdamW step and save_pretrained, all against single-process HF."""
+    ckpt = paths[family]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    setup = create_distributed_setup_from_config(
+        {"strategy": "fsdp2", "ep_size": ep, "activation_checkpointing": ac, "dp_replicate_size": replicate}
+    )
+    model = AutoMoEForCausalLM.from_pretrained(ckpt, distributed_setup=setup, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    _check_expert_meshes(model, ep)
+    assert all(layer.gradient_checkpointing == (ac != "off") for layer in model.model.layers)
+    ids = _batch(world)
+    mine = _my_rows(ids)
+    model.train()
+    ref.train()
+    loss = model(input_ids=mine, labels=mine).loss
+    loss.backward()
+    ref_loss = ref(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    assert abs(mean.item() / world - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for (name, param), (ref_name, ref_param) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert name == ref_name
+        assert _rel(param.grad.full_tensor(), ref_param.grad) <= 1e-4, name
+    for m in (model, ref):
+        torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-3).step()
+    out = os.path.join(paths["tmp"], f"saved-{family}-ep{ep}-{ac}-r{replicate}-w{world}")
+    model.save_pretrained(out)
+    if rank == 0:
+        saved = SafetensorsFile(out).entries
+        assert "model.layers.1.mlp.experts.0.gate_proj.weight" in saved  # per-expert keys, as HF writes them
+        assert not any(k.endswith("experts.gate_up_proj") for k in saved)
+        loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        for (name, param), (_, ref_param) in zip(loaded.named_parameters(), ref.named_parameters(), strict=True):
+            assert _rel(param.detach(), ref_param.detach()) <= 1e-4, name
+
+
+def _skewed(paths: dict, ep: int) -> None:
+    """Every token of every rank goes to experts 0 and 1, all on ep rank 0: ep rank 1 sends everything and
+    receives nothing. The step completes and matches the single-process automoe model with the same router."""
+    original = Router.forward
+
+    def forced(self, hidden_states):
+        logits, _, _ = original(self, hidden_states)
+        ids = torch.tensor([[0, 1]]).expand(logits.shape[0], 2)
+        return logits, logits[:, :2].softmax(dim=-1), ids
+
+    ckpt = paths["qwen3_moe"]
+    setup = create_distributed_setup_from_config({"ep_size": ep})
+    model = AutoMoEForCausalLM.from_pretrained(ckpt, distributed_setup=setup, dtype=torch.float32)
+    local = AutoMoEForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    Router.forward = forced  # after building: recognising the router runs it
+    try:
+        ids = _batch(dist.get_world_size())
+        mine = _my_rows(ids)
+        model(input_ids=mine, labels=mine).loss.backward()
+        local(input_ids=ids, labels=ids).loss.backward()
+        for (name, param), (_, ref_param) in zip(model.named_parameters(), local.named_parameters(), strict=True):
+            grad = param.grad.full_tensor()
+            assert _rel(grad, ref_param.grad) <= 1e-4, name
+            if name.endswith("experts.down_proj"):
+                assert grad[2:].abs().max() == 0  # experts that got no token
+    finally:
+        Router.forward = original
+
+
+def _reads(paths: dict, ep: int) -> None:
+    """Count the bytes this rank reads: expert bytes are 1/ep of the files' expert bytes (ep_shard 1 here), all
+    bytes 1/world; no rank allocates more than its share of the weights."""
+    counts = {"expert": 0, "other": 0}
+    original = SafetensorsFile.read
+
+    def counting(self, key, rows=None):
+        tensor = original(self, key, rows)
+        counts["expert" if ".experts." in key else "other"] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    SafetensorsFile.read = counting
+    try:
+        ckpt = paths["qwen3_moe"]
+        setup = create_distributed_setup_from_config({"ep_size": ep})
+        model = AutoMoEForCausalLM.from_pretrained(ckpt, distributed_setup=setup, dtype=torch.float32)
+    finally:
+        SafetensorsFile.read = original
+    world = dist.get_world_size()
+    entries = SafetensorsFile(ckpt).entries
+    sizes = {k: e.row_bytes * (e.shape[0] if e.shape else 1) for k, e in entries.items()}
+    expert_bytes = sum(v for k, v in sizes.items() if ".experts." in k)
+    total = sum(sizes.values())
+    assert counts["expert"] == expert_bytes // ep
+    assert counts["expert"] + counts["other"] <= total / world * 1.01
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    assert local <= total / world * 1.01
+
+
+def _from_config(paths: dict, ep: int) -> None:
+    """Random init of each rank's shards: HF's init distribution, no two expert shards alike, trains."""
+    config = make_config("qwen3_moe", output_router_logits=False)
+    setup = create_distributed_setup_from_config({"ep_size": ep})
+    model = AutoMoEForCausalLM.from_config(config, distributed_setup=setup, dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts.gate_up_proj.full_tensor()
+    assert abs(experts.std().item() - config.initializer_range) < 0.2 * config.initializer_range
+    half = experts.shape[0] // 2
+    assert not torch.equal(experts[:half], experts[half:])
+    norm = model.model.norm.weight.full_tensor()
+    assert torch.equal(norm, torch.ones_like(norm))
+    ids = _my_rows(_batch(dist.get_world_size()))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def _bad_setups(paths: dict) -> None:
+    world = dist.get_world_size()
+    with pytest.raises(ValueError, match="not divisible"):
+        create_distributed_setup_from_config({"ep_size": 2 * world})
+    with pytest.raises(ValueError, match="not divisible"):
+        create_distributed_setup_from_config({"ep_size": world, "dp_replicate_size": 2})
+    setup = create_distributed_setup_from_config({"ep_size": world})
+    with pytest.raises(ValueError, match="does not divide the model's 7 experts"):
+        AutoMoEForCausalLM.from_config(make_config("qwen3_moe", num_experts=7), distributed_setup=setup)
+    with pytest.raises(ValueError, match="device_map"):
+        AutoMoEForCausalLM.from_pretrained(paths["qwen3_moe"], distributed_setup=setup, device_map="cpu")
+    model = AutoMoEForCausalLM.from_pretrained(paths["qwen3_moe"], distributed_setup=setup, dtype=torch.float32)
+    out = os.path.join(paths["tmp"], "occupied")
+    if dist.get_rank() == 0:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "notes.txt"), "w") as f:
+            f.write("the user's")
+    dist.barrier()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        model.save_pretrained(out)
+    model.save_pretrained(out, overwrite=True)
+    assert os.path.exists(os.path.join(out, "notes.txt"))  # overwrite replaces the checkpoint, nothing else
+
+
+SCENARIOS = {"parity": _parity, "skewed": _skewed, "reads": _reads, "from_config": _from_config,
+             "bad_setups": _bad_setups}
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("ep")
+    out = {"tmp": str(root)}
+    for family in ("qwen3_moe", "deepseek_v3"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(make_config(family, output_router_logits=False))
+        out[family] = str(root / family)
+        model.save_pretrained(out[family])
+    return out
+
+
+def test_two_ranks(paths):
+    run_ranks(2, [
+        ("parity", dict(ep=2)),
+        ("parity", dict(ep=1)),
+        ("parity", dict(ep=2, ac="selective")),
+        ("parity", dict(ep=1, ac="full")),
+        ("parity", dict(family="deepseek_v3", ep=2)),
+        ("skewed", dict(ep=2)),
+        ("reads", dict(ep=2)),
+        ("from_config", dict(ep=2)),
+        ("bad_setups", {}),
+    ], paths)
+
+
+def test_four_ranks(paths):
+    run_ranks(4, [
+        ("parity", dict(ep=4)),
+        ("parity", dict(ep=2, ac="selective")),
+        ("parity", dict(ep=1, ac="full")),
+        ("parity", dict(ep=2, replicate=2)),
+        ("reads", dict(ep=4)),
+    ], paths)
