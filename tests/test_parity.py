@@ -30,11 +30,14 @@ def checkpoint(request, tmp_path_factory):
     return family, path
 
 
-@pytest.mark.parametrize("backend", ["grouped_mm", "per_expert"])
-def test_loss_logits_and_grads_match_hf(checkpoint, backend):
+@pytest.mark.parametrize(
+    "backend,kernels", [("grouped_mm", "auto"), ("grouped_mm", "off"), ("per_expert", "auto")]
+)
+def test_loss_logits_and_grads_match_hf(checkpoint, backend, kernels):
     family, path = checkpoint
     ref = AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager", dtype=torch.float32)
-    ours = AutoMoEForCausalLM.from_pretrained(path, dtype=torch.float32, automoe_options={"experts_backend": backend})
+    options = {"experts_backend": backend, "kernels": kernels}
+    ours = AutoMoEForCausalLM.from_pretrained(path, dtype=torch.float32, automoe_options=options)
     assert type(ours) is type(ref), "the family's own HF class comes back"
     blocks = [m for m in ours.modules() if isinstance(m, MoEBlock)]
     assert blocks, f"{family}: no MoE block was replaced"
