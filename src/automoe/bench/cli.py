@@ -1,0 +1,146 @@
+"""`automoe bench`: automoe against native Transformers v5 (and v5 + Liger-Kernel when it imports), same
+shape, seed, tokens, optimizer and precision, one column at a time; prints the table, writes JSON + PNG.
+
+One GPU: each column runs in a subprocess of its own (built, measured, freed; Liger patches classes).
+Under torchrun: every rank runs the columns in-process, FSDP2 on all of them, Liger's last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .columns import COLUMNS, ColumnSpec, liger_available
+from .report import table, write
+from .workload import WORKLOADS, flops_per_token, make_config
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="automoe bench", description=__doc__.splitlines()[0])
+    p.add_argument("--workload", default="qwen3-30b-a3b-l8", choices=sorted(WORKLOADS))
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the workload's)")
+    p.add_argument("--seq", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=7, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--router", default="model", choices=["model", "balanced"],
+                   help="automoe's router: the model's own, or forced balanced (labelled in the output)")
+    p.add_argument("--columns", default=",".join(COLUMNS), help=f"comma-separated subset of {', '.join(COLUMNS)}")
+    p.add_argument("--max-seq", type=int, default=0,
+                   help="sequence sweep at batch 1: double --seq up to this until a column runs out of memory")
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch", "off"])
+    p.add_argument("--optimizer", default="automoe", choices=["automoe", "torch"],
+                   help="automoe column's AdamW: automoe.kernels.AdamW or torch's fused AdamW (peers: torch's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
+    p.add_argument("--profile", default=None, help="folder for a torch.profiler table of one step per column")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--in-process", action="store_true", help="run columns in this process (no Liger column)")
+    args = p.parse_args(argv)
+    args.column_list = [c.strip() for c in args.columns.split(",") if c.strip()]
+    unknown = sorted(set(args.column_list) - set(COLUMNS))
+    if unknown:
+        p.error(f"unknown column(s) {unknown}; choose from {', '.join(COLUMNS)}")
+    if args.max_seq and args.max_seq < args.seq:
+        p.error(f"--max-seq {args.max_seq} is below --seq {args.seq}")
+    return args
+
+
+def worker_args(args: argparse.Namespace, dense: bool) -> dict:
+    keys = ("workload", "layers", "seq", "batch", "steps", "warmup", "router", "max_seq", "kernels", "optimizer",
+            "device", "seed", "profile")
+    return {**{k: getattr(args, k) for k in keys}, "dense": dense}
+
+
+def run_subprocess(column: str, args: argparse.Namespace, dense: bool) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "column.json"
+        cmd = [sys.executable, "-m", "automoe.bench.worker", "--column", column,
+               "--args", json.dumps(worker_args(args, dense)), "--out", str(out)]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        sys.stderr.write(proc.stdout[-4000:])
+        if proc.returncode != 0 or not out.exists():
+            tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
+            return {"column": column, "label": ColumnSpec(column, router=args.router).label, "runs": [],
+                    "error": f"exit {proc.returncode}: {tail[0]}"}
+        return json.loads(out.read_text())
+
+
+def run_in_process(column: str, args: argparse.Namespace, dense: bool) -> dict:
+    from .worker import run_column
+
+    spec = ColumnSpec(column, router=args.router, kernels=args.kernels, optimizer=args.optimizer)
+    ns = argparse.Namespace(**worker_args(args, dense))
+    result = run_column(spec, ns, torch.device(args.device))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def versions() -> dict:
+    out = {}
+    for name in ("torch", "transformers", "triton", "liger-kernel", "automoe"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    in_process = args.in_process or world > 1
+    columns = [c for c in args.column_list if c != "v5+liger" or (liger_available() and (not in_process or world > 1))]
+    columns.sort(key=lambda c: c == "v5+liger")  # Liger patches classes: always last
+    skipped = sorted(set(args.column_list) - set(columns))
+    run = run_in_process if in_process else run_subprocess
+    results = [run(c, args, dense=(i == 0)) for i, c in enumerate(columns)]
+    config = make_config(args.workload, args.layers)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "automoe bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+        "world_size": world,
+        "workload": args.workload,
+        "layers": config.num_hidden_layers,
+        "router": args.router,
+        "versions": versions(),
+        "args": {k: v for k, v in vars(args).items() if k != "column_list"},
+        "flops_per_token": flops_per_token(config, args.seq),
+        "dense_tflops": results[0].get("dense_tflops") if results else None,
+        "columns": results,
+        "skipped_columns": skipped,
+    }
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        print(table(result))
+        if skipped:
+            print(f"\nnot run: {', '.join(skipped)} (liger-kernel not importable, or --in-process)")
+        for col in results:
+            if col.get("error"):
+                print(f"{col['label']}: failed: {col['error']}")
+        for path in write(result, Path(args.out), plot=not args.no_plot):
+            print(f"wrote {path}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0

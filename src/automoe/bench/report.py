@@ -1,0 +1,132 @@
+"""The bench's table (stdout), its raw JSON and a PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+
+def main_run(column: dict) -> dict | None:
+    runs = column.get("runs") or []
+    return runs[0] if runs and not runs[0].get("oom") else None
+
+
+def longest(column: dict) -> tuple[int | None, float | None]:
+    """The longest batch-1 seq that trained, with its step TPS."""
+    ok = [r for r in column.get("runs", []) if not r.get("oom") and r["batch"] == 1]
+    if not ok:
+        return None, None
+    best = max(ok, key=lambda r: r["seq"])
+    return best["seq"], best["step_tps"]
+
+
+def mfu(run: dict, flops_per_token: float, dense_tflops: float) -> float:
+    if not dense_tflops or math.isnan(dense_tflops):
+        return float("nan")
+    return flops_per_token * run["step_tps"] / (dense_tflops * 1e12)
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def table(result: dict) -> str:
+    cols = result["columns"]
+    fpt, dense = result["flops_per_token"], result.get("dense_tflops")
+    head = ["column", "step TPS", "fwd+bwd TPS", "peak GiB", "floor GiB", "fwd+loss ms", "bwd ms", "opt ms",
+            "MFU", "loss@1", "longest seq (TPS)"]
+    rows = [head]
+    for col in cols:
+        run = main_run(col)
+        seq, tps = longest(col)
+        if run is None:
+            rows.append([col["label"], "failed" if col.get("error") else "OOM"] + ["-"] * 8 + [_fmt(seq, "d")])
+            continue
+        rows.append([
+            col["label"], _fmt(run["step_tps"], ",.0f"), _fmt(run["fwd_bwd_tps"], ",.0f"),
+            _fmt(run.get("peak_gib"), ".1f"), _fmt(run.get("floor_gib"), ".1f"), _fmt(run["fwd_loss_ms"], ".1f"),
+            _fmt(run["bwd_ms"], ".1f"), _fmt(run["optimizer_ms"], ".1f"), _fmt(mfu(run, fpt, dense), ".1%"),
+            _fmt(run["losses"][0], ".4f"), f"{_fmt(seq, 'd')} ({_fmt(tps, ',.0f')})",
+        ])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    lines += ["", *ratios(result), "", *sweep_lines(result)]
+    return "\n".join(lines)
+
+
+def ratios(result: dict) -> list[str]:
+    cols = {c["column"]: c for c in result["columns"]}
+    ours = main_run(cols["automoe"]) if "automoe" in cols else None
+    if ours is None:
+        return []
+    lines = []
+    for name, col in cols.items():
+        peer = main_run(col)
+        if name == "automoe" or peer is None:
+            continue
+        lines.append(
+            f"automoe / {col['label']}: step TPS x{ours['step_tps'] / peer['step_tps']:.2f}, "
+            f"fwd+bwd TPS x{ours['fwd_bwd_tps'] / peer['fwd_bwd_tps']:.2f}"
+            + (f", peak {ours['peak_gib']:.1f} vs {peer['peak_gib']:.1f} GiB" if "peak_gib" in ours else "")
+        )
+    return lines
+
+
+def sweep_lines(result: dict) -> list[str]:
+    seqs = sorted({r["seq"] for c in result["columns"] for r in c["runs"] if r["batch"] == 1})
+    if len(seqs) < 2:
+        return []
+    lines = ["step TPS by seq (batch 1): " + ", ".join(c["label"] for c in result["columns"])]
+    for seq in seqs:
+        cells = []
+        for col in result["columns"]:
+            run = next((r for r in col["runs"] if r["seq"] == seq and r["batch"] == 1), None)
+            cells.append("-" if run is None else "OOM" if run.get("oom") else f"{run['step_tps']:,.0f}")
+        lines.append(f"  {seq:>7}: " + " | ".join(cells))
+    return lines
+
+
+def write(result: dict, out_dir: Path, plot: bool = True) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{result['workload']}-seq{result['args']['seq']}"
+    paths = [out_dir / f"{stem}.json"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    if plot:
+        paths.append(_plot(result, out_dir / f"{stem}.png"))
+    return paths
+
+
+def _plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = result["columns"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [c["label"] for c in cols]
+    values = [(main_run(c) or {}).get("step_tps", 0) for c in cols]
+    left.bar(range(len(cols)), values, color=["#2a7", "#888", "#c84", "#48c"][: len(cols)])
+    left.set_xticks(range(len(cols)), labels, rotation=12, fontsize=8)
+    left.set_ylabel("step TPS (tokens / s)")
+    left.set_title(f"{result['workload']}, seq {result['args']['seq']}, batch {result['args']['batch']}")
+    for i, v in enumerate(values):
+        left.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
+    for col in cols:
+        pts = [(r["seq"], r["step_tps"]) for r in col["runs"] if r["batch"] == 1 and not r.get("oom")]
+        if pts:
+            right.plot(*zip(*pts, strict=True), marker="o", label=col["label"])
+    right.set_xscale("log", base=2)
+    right.set_xlabel("sequence length (batch 1)")
+    right.set_ylabel("step TPS")
+    right.set_title("sequence sweep (last point: longest that trains)")
+    if right.lines:
+        right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,89 @@
+"""One column of a bench run, in the process that runs it: build, measure at --seq, sweep longer sequences
+at batch 1 until one does not fit, optionally profile one step; the result as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from .columns import ColumnSpec, build_model, build_optimizer
+from .measure import dense_matmul_tflops, is_oom, measure, release, tokens_for
+from .workload import make_config
+
+
+def sweep_seqs(seq: int, max_seq: int) -> list[int]:
+    seqs, s = [], seq
+    while s <= max_seq:
+        seqs.append(s)
+        s *= 2
+    return seqs
+
+
+def profile_step(model, optimizer, tokens: torch.Tensor, path: str) -> None:
+    """torch.profiler summary table of one training step (forward+loss, backward, optimizer)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if tokens.is_cuda else [])
+    with profile(activities=activities) as prof:
+        model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if tokens.is_cuda:
+            torch.cuda.synchronize()
+    sort = "cuda_time_total" if tokens.is_cuda else "cpu_time_total"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))
+
+
+def run_column(spec: ColumnSpec, args: argparse.Namespace, device: torch.device) -> dict:
+    config = make_config(args.workload, args.layers)
+    out: dict = {"column": spec.name, "label": spec.label, "runs": []}
+    if args.dense:
+        out["dense_tflops"] = dense_matmul_tflops(device)
+    torch.manual_seed(args.seed)
+    model = build_model(spec, config, device)
+    optimizer = build_optimizer(spec, model)
+    plan = [(args.batch, args.seq)]
+    if args.max_seq:
+        plan += [(1, s) for s in sweep_seqs(args.seq, args.max_seq) if (1, s) != plan[0]]
+    for batch, seq in plan:
+        tokens = tokens_for(config.vocab_size, batch, seq, args.seed, device)
+        try:
+            result = measure(model, optimizer, tokens, args.warmup, args.steps)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            if not is_oom(error):
+                raise
+            release(optimizer)
+            out["runs"].append({"seq": seq, "batch": batch, "oom": True, "error": str(error).splitlines()[0]})
+            break
+        out["runs"].append(result)
+        print(f"[{spec.name}] batch {batch} seq {seq}: {result['step_tps']:,.0f} step TPS", file=sys.stderr, flush=True)
+        if args.profile and (batch, seq) == plan[0]:
+            profile_step(model, optimizer, tokens, f"{args.profile}/profile-{spec.name.replace('+', '-')}.txt")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m automoe.bench.worker")
+    parser.add_argument("--column", required=True)
+    parser.add_argument("--args", required=True, help="the bench's arguments as JSON")
+    parser.add_argument("--out", required=True)
+    ns = parser.parse_args(argv)
+    args = argparse.Namespace(**json.loads(ns.args))
+    spec = ColumnSpec(ns.column, router=args.router, kernels=args.kernels, optimizer=args.optimizer)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(0)
+    result = run_column(spec, args, device)
+    with open(ns.out, "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The bench harness on CPU with the tiny workload: both columns run in their own processes, same tokens and
+weights (so their first losses agree), a table with ratios, JSON, PNG, and a sweep that stops at the first
+sequence that does not fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from automoe.bench import cli, measure, worker
+from automoe.bench.workload import flops_per_token, make_config
+
+
+def test_bench_runs_both_columns_in_subprocesses(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--workload", "tiny", "--layers", "1", "--seq", "32", "--steps", "1", "--warmup", "1",
+            "--max-seq", "64", "--out", str(out), "--columns", "automoe,v5", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "automoe / Transformers v5" in printed and "step TPS by seq" in printed
+    result = json.loads((out / "bench-tiny-seq32.json").read_text())
+    assert (out / "bench-tiny-seq32.png").stat().st_size > 0
+    cols = {c["column"]: c for c in result["columns"]}
+    assert set(cols) == {"automoe", "v5"}
+    for col in cols.values():
+        assert [r["seq"] for r in col["runs"]] == [32, 64]
+        assert all(r["step_tps"] > 0 and r["step_ms"] >= r["fwd_loss_ms"] for r in col["runs"])
+    first = cols["automoe"]["runs"][0]["losses"][0], cols["v5"]["runs"][0]["losses"][0]
+    assert first[0] == pytest.approx(first[1], rel=2e-2), "same weights and tokens give the same first loss"
+    assert result["columns"][0]["label"] == "automoe (own router)"
+
+
+def test_sweep_stops_at_the_first_sequence_that_runs_out_of_memory(monkeypatch):
+    real = measure.measure
+
+    def measure_or_oom(model, optimizer, tokens, warmup, steps):
+        if tokens.shape[1] > 64:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, optimizer, tokens, warmup, steps)
+
+    monkeypatch.setattr(worker, "measure", measure_or_oom)
+    args = cli.parse(["--workload", "tiny", "--layers", "1", "--seq", "32", "--steps", "1", "--warmup", "0",
+                      "--max-seq", "512", "--device", "cpu", "--router", "balanced"])
+    result = cli.run_in_process("automoe", args, dense=False)
+    assert [(r["seq"], bool(r.get("oom"))) for r in result["runs"]] == [(32, False), (64, False), (128, True)]
+    assert result["label"] == "automoe (balanced router)"
+
+
+def test_flops_per_token_counts_active_weights_and_causal_attention():
+    config = make_config("qwen3-30b-a3b-l8")
+    h, i, e, k, layers, vocab = 2048, 768, 128, 8, 8, 151936
+    attention_proj = h * 32 * 128 * 2 + h * 4 * 128 * 2
+    per_layer = attention_proj + k * 3 * h * i + h * e
+    want = 6 * (layers * per_layer + h * vocab) + 6 * layers * 32 * 128 * 4096
+    assert flops_per_token(config, 4096) == pytest.approx(want)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(SystemExit):
+        cli.parse(["--columns", "automoe,deepspeed"])
+    with pytest.raises(ValueError, match="unknown workload"):
+        make_config("llama")
