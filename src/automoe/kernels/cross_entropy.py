@@ -78,24 +78,22 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, scale, mode):
         rows = hidden.shape[0]
-        chunk = max(1, min(rows, CHUNK_BYTES // (weight.shape[0] * hidden.element_size())))
+        chunks = max(1, -(-rows * weight.shape[0] * hidden.element_size() // CHUNK_BYTES))
+        chunk = max(1, -(-rows // chunks))
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = None
+        grad_weight = torch.zeros_like(weight)
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, rows, chunk):
             h = hidden[start : start + chunk]
             logits = h @ weight.t()
-            loss, grad = _ce_grad(logits.contiguous(), labels[start : start + chunk], scale, mode)
+            loss, grad = _ce_grad(logits, labels[start : start + chunk], scale, mode)
             del logits
             total += loss.sum()
-            grad_hidden[start : start + chunk] = grad @ weight
-            part = grad.t() @ h
-            if grad_weight is None:
-                grad_weight = part.float() if rows > chunk else part
-            else:
-                grad_weight += part
-            del grad, part
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            torch.mm(grad, weight, out=grad_hidden[start : start + chunk])
+            # accumulated in the weight's dtype, as Liger-Kernel does: one rounding per chunk
+            grad_weight.addmm_(grad.t(), h)
+            del grad
+        ctx.save_for_backward(grad_hidden, grad_weight)
         return total * scale
 
     @staticmethod
