@@ -21,9 +21,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from transformers import Qwen3MoeConfig
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
-from automoe import AutoMoEForCausalLM, create_distributed_setup_from_config
+from automoe import AutoMoEForCausalLM, AutoMoEOptions, create_distributed_setup_from_config, optimize_model
 
 L8 = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
           num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936,
@@ -111,8 +111,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
+    # transformers' own model built straight on the GPU, then automoe's swap (what from_config does); the
+    # recogniser's CPU probes must not run under a CUDA default device
     with torch.device(device):
-        model = AutoMoEForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = optimize_model(model, AutoMoEOptions())
     results["dropin_build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     model.save_pretrained(ckpt)
