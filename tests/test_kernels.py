@@ -200,6 +200,27 @@ def test_adamw_matches_torch_adamw_over_steps():
     assert set(opt.state_dict()["state"][0]) == set(ref_opt.state_dict()["state"][0])
 
 
+def test_adamw_in_backward_gives_the_same_update_and_frees_grads():
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(make_config("qwen3_moe"))
+    ours = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"))
+    ours.load_state_dict(ref.state_dict())
+    kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+    opt = AdamW(ours.parameters(), kernels="torch", in_backward=True, **kw)
+    ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **kw)
+    for _ in range(3):
+        ids = torch.randint(0, 128, (2, 10))
+        ref(input_ids=ids, labels=ids).loss.backward()
+        ours(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is None for p in ours.parameters()), "in backward: each gradient is used and freed"
+        ref_opt.step()
+        ref_opt.zero_grad()
+        opt.step()
+    ref_params = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        assert rel(param, ref_params[name]) < 1e-5, name
+
+
 def test_bad_kernel_choices_say_how_to_fix():
     with pytest.raises(ValueError, match="unknown kernels"):
         AutoMoEOptions(kernels="fast")

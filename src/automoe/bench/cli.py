@@ -39,8 +39,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq", type=int, default=0,
                    help="sequence sweep at batch 1: double --seq up to this until a column runs out of memory")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch", "off"])
-    p.add_argument("--optimizer", default="automoe", choices=["automoe", "torch"],
-                   help="automoe column's AdamW: automoe.kernels.AdamW or torch's fused AdamW (peers: torch's)")
+    p.add_argument("--optimizer", default="automoe", choices=["automoe", "automoe-in-backward", "torch"],
+                   help="automoe column's AdamW: automoe.kernels.AdamW (stepped after backward, or applied in "
+                        "backward as each gradient is ready) or torch's fused AdamW; peers always use torch's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
@@ -72,7 +73,8 @@ def run_subprocess(column: str, args: argparse.Namespace, dense: bool) -> dict:
         sys.stderr.write(proc.stdout[-4000:])
         if proc.returncode != 0 or not out.exists():
             tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
-            return {"column": column, "label": ColumnSpec(column, router=args.router).label, "runs": [],
+            label = ColumnSpec(column, router=args.router, optimizer=args.optimizer).label
+            return {"column": column, "label": label, "runs": [],
                     "error": f"exit {proc.returncode}: {tail[0]}"}
         return json.loads(out.read_text())
 

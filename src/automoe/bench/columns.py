@@ -24,13 +24,15 @@ class ColumnSpec:
     name: str
     router: str = "model"
     kernels: str = "auto"
-    optimizer: str = "automoe"  # automoe column only: "automoe" (automoe.kernels.AdamW) or "torch"
+    optimizer: str = "automoe"  # automoe column only: "automoe", "automoe-in-backward" or "torch" (fused)
 
     @property
     def label(self) -> str:
         if self.name == "automoe":
             router = "balanced router" if self.router == "balanced" else "own router"
-            return f"automoe ({router})"
+            extra = ", AdamW in backward" if self.optimizer == "automoe-in-backward" else ""
+            extra += ", torch AdamW" if self.optimizer == "torch" else ""
+            return f"automoe ({router}{extra})"
         return {"v5": "Transformers v5 (grouped_mm + sdpa)", "v5+liger": "v5 + Liger-Kernel"}[self.name]
 
 
@@ -77,8 +79,9 @@ def build_model(spec: ColumnSpec, config, device: torch.device):
 def build_optimizer(spec: ColumnSpec, model, lr: float = 1e-5) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     on_gpu = params[0].is_cuda
-    if spec.name == "automoe" and spec.optimizer == "automoe":
+    if spec.name == "automoe" and spec.optimizer.startswith("automoe"):
         from automoe.kernels import AdamW
 
-        return AdamW(params, lr=lr, weight_decay=0.01, kernels=spec.kernels)
+        in_backward = spec.optimizer == "automoe-in-backward"
+        return AdamW(params, lr=lr, weight_decay=0.01, kernels=spec.kernels, in_backward=in_backward)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.01, fused=on_gpu)

@@ -4,10 +4,17 @@ The update is memory-bound (read param, grad, exp_avg, exp_avg_sq; write three o
 in one pass computing in fp32, with the same formula and order as torch's fused AdamW. The reference path
 (any device) is the same math in torch ops. The step count lives on the host, so no step synchronises.
 State keys and layout match torch.optim.AdamW (step, exp_avg, exp_avg_sq), so state dicts move between them.
+
+`in_backward=True` applies each parameter's update as soon as backward has produced its gradient (a
+post-accumulate-grad hook), on a side CUDA stream so the memory-bound update overlaps the compute-bound
+backward of earlier layers, and frees the gradient at once (no [params] of gradients is ever held). It is
+the same update; what it gives up is gradient accumulation across backward calls and gradient clipping,
+and `step()` must run before the next forward (it only waits for the side stream).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -53,11 +60,31 @@ class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW(lr, betas, eps, weight_decay) without amsgrad/maximize; `kernels` picks the path."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, kernels: str = "auto") -> None:
+                 weight_decay: float = 1e-2, kernels: str = "auto", in_backward: bool = False) -> None:
         if not isinstance(lr, float | int) or lr < 0:
             raise ValueError(f"automoe AdamW: lr must be a non-negative float (a tensor lr would sync), got {lr!r}")
         super().__init__(params, dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.kernels = kernels
+        self.in_backward = in_backward
+        self._side_stream = None
+        if in_backward:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.requires_grad:
+                        p.register_post_accumulate_grad_hook(functools.partial(self._update_now, group=group))
+                        if p.is_cuda and self._side_stream is None:
+                            self._side_stream = torch.cuda.Stream(p.device)
+
+    @torch.no_grad()
+    def _update_now(self, p: torch.Tensor, group: dict) -> None:
+        if self._side_stream is None:
+            self._update(p, group)
+        else:
+            self._side_stream.wait_stream(torch.cuda.current_stream(p.device))
+            with torch.cuda.stream(self._side_stream):
+                self._update(p, group)
+            p.grad.record_stream(self._side_stream)
+        p.grad = None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,30 +92,35 @@ class AdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._side_stream is not None:
+            torch.cuda.current_stream(self._side_stream.device).wait_stream(self._side_stream)
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("automoe AdamW does not take sparse gradients; use torch.optim.SparseAdam.")
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"].item()  # a CPU tensor: no device sync
-                args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step)
-                if use_triton(self.kernels, p) and _contiguous(p, p.grad, state["exp_avg"], state["exp_avg_sq"]):
-                    _launch(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *args)
-                else:
-                    adamw_reference(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *args)
+                if p.grad is not None:
+                    self._update(p, group)
         return loss
 
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        if p.grad.is_sparse:
+            raise RuntimeError("automoe AdamW does not take sparse gradients; use torch.optim.SparseAdam.")
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"].item())  # CPU: no sync
+        tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
+        if use_triton(self.kernels, tensors[0]) and all(t.is_contiguous() for t in tensors):
+            _launch(*tensors, *args)
+        else:
+            adamw_reference(*tensors, *args)
 
-def _contiguous(*tensors: torch.Tensor) -> bool:
-    return all(t.is_contiguous() for t in tensors)
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2): the update is elementwise, so each rank updates its own."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _launch(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
