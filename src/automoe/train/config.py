@@ -37,7 +37,11 @@ class ModelConfig:
     tokenizer: str = "char"  # "char" (built locally), "model" (the one saved with `path`), or a local path
     dtype: str = "float32"  # float32 | bfloat16
     automoe_options: dict[str, Any] = field(default_factory=dict)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # one process; under torchrun use distributed.activation_checkpointing
+    # random init under torchrun: "reference" builds the one-process model on rank 0 and loads its shards from
+    # there (the same weights for any world size); "sharded" lets each rank initialise its own shards (no full
+    # copy anywhere, for models too big for one host's memory; the weights then depend on the world size)
+    init: str = "reference"
 
 
 @dataclass
@@ -77,8 +81,8 @@ class ScheduleConfig:
 class TrainConfig:
     max_steps: int = 400  # 0: run `epochs` epochs instead
     epochs: int = 0
-    batch_size: int = 16  # rows per micro-batch on each data-parallel rank
-    grad_accum: int = 1
+    batch_size: int = 16  # packed rows per optimizer step, over all ranks: the same recipe, the same curve
+    grad_accum: int = 1  # each rank's forward sees batch_size / (grad_accum x data-parallel ranks) rows
     grad_clip: float = 1.0  # 0 disables clipping
     router_aux_loss_coef: float = 0.0  # > 0 adds the model's load-balancing loss
     log_every: int = 10
@@ -126,6 +130,7 @@ class Recipe:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
+    "model.init": ("reference", "sharded"),
     "data.format": ("auto", "prompt_completion", "messages"),
     "data.bad_rows": ("skip", "error"),
     "optim.name": ("adamw", "sgd"),

@@ -227,8 +227,8 @@ class BatchPlan:
     def __init__(self, rows: list[list[Sample]], rows_per_step: int, seed: int, shuffle: bool) -> None:
         if len(rows) < rows_per_step:
             raise RecipeError(
-                f"train: one optimizer step needs {rows_per_step} rows (batch_size x grad_accum x data-parallel "
-                f"ranks) but the training data packs into only {len(rows)}; lower train.batch_size or grad_accum"
+                f"train.batch_size: one optimizer step needs {rows_per_step} rows but the training data packs into "
+                f"only {len(rows)}; lower train.batch_size"
             )
         self.rows = rows
         self.rows_per_step = rows_per_step

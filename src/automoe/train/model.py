@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from transformers import AutoConfig, AutoTokenizer
 from automoe import AutoMoEForCausalLM
 
 from .config import ModelConfig, RecipeError
-from .runtime import Runtime
+from .runtime import Runtime, barrier
 from .tokenizer import build_char_tokenizer
 
 
@@ -44,19 +45,29 @@ def build_config(cfg: ModelConfig, tokenizer: Any, aux_loss: bool) -> Any:
     return config
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_loss: bool) -> nn.Module:
-    """The same random init on every rank (seeded), then automoe's blocks, then the distributed setup."""
+def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_loss: bool, scratch: Path) -> nn.Module:
+    """automoe's model: from a local checkpoint or a seeded random init; sharded (EP + FSDP2) under torchrun."""
     dtype = getattr(torch, cfg.dtype)
     kwargs: dict[str, Any] = dict(dtype=dtype, automoe_options=cfg.automoe_options or None)
+    torch.manual_seed(seed)
+    path = cfg.path
+    if path is not None and not Path(path).is_dir():
+        raise RecipeError(f"model.path: no local checkpoint directory at {path}")
+    if path is None and rt.setup is not None and cfg.init == "reference":
+        path = str(scratch)
+        if rt.is_main:  # the one-process init, written once, so every world size starts from the same weights
+            AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_loss), **kwargs).save_pretrained(path)
+        barrier(rt)
     if rt.setup is not None:
         kwargs["distributed_setup"] = rt.setup
-    torch.manual_seed(seed)
-    if cfg.path is not None:
-        if not Path(cfg.path).is_dir():
-            raise RecipeError(f"model.path: no local checkpoint directory at {cfg.path}")
-        model = AutoMoEForCausalLM.from_pretrained(cfg.path, output_router_logits=aux_loss, **kwargs)
+    if path is not None:
+        model = AutoMoEForCausalLM.from_pretrained(path, output_router_logits=aux_loss, **kwargs)
     else:
         model = AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_loss), **kwargs)
+    if path == str(scratch):
+        barrier(rt)
+        if rt.is_main:
+            shutil.rmtree(scratch, ignore_errors=True)
     if rt.setup is None:
         model.to(rt.device)
     if cfg.activation_checkpointing and rt.setup is None:
@@ -69,14 +80,11 @@ def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_lo
 
 def export_hf(model: nn.Module, tokenizer: Any, out: Path, rt: Runtime) -> Path | None:
     """A standard HF checkpoint + tokenizer in `out` (rank 0 writes; sharded tensors are gathered first)."""
-    state_dict = None
-    if rt.setup is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rt.setup is not None:  # collective: shards are gathered one layer at a time, rank 0 writes
+        model.save_pretrained(str(out), overwrite=True)
+    elif rt.is_main:
+        model.save_pretrained(out)
     if not rt.is_main:
         return None
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return out

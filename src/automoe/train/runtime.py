@@ -48,7 +48,7 @@ def init_runtime(recipe: Recipe) -> Runtime:
     """Join the torchrun job when there is one, and build the distributed setup from `recipe.distributed`."""
     device = pick_device(recipe.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 and recipe.distributed is None:
+    if world_size == 1:  # one process: the whole model is here, nothing to set up
         return Runtime(0, 1, 0, 1, device, None)
     try:
         from automoe.distributed import create_distributed_setup_from_config
@@ -56,12 +56,15 @@ def init_runtime(recipe: Recipe) -> Runtime:
         raise RecipeError(f"distributed: this automoe has no distributed support yet ({e})") from e
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized() and world_size > 1:
+    if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    setup = create_distributed_setup_from_config(dict(recipe.distributed or {}))
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        setup = create_distributed_setup_from_config(dict(recipe.distributed or {}))
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"distributed: {e}") from e
+    rank = dist.get_rank()
     # expert parallelism is orthogonal to data parallelism: every rank reads its own slice of the batch
-    return Runtime(rank, world_size, rank, world_size, device, setup)
+    return Runtime(rank, world_size, rank, world_size, setup.device, setup)
 
 
 def all_sum(values: list[float], rt: Runtime) -> list[float]:
@@ -71,6 +74,27 @@ def all_sum(values: list[float], rt: Runtime) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Total gradient norm over all parameters, clipped to max_norm (0: only measured). Under EP + FSDP2 the
+    gradients are DTensors on different meshes (experts over `ep`, the rest over `dp_shard`), which one
+    torch.nn.utils.clip_grad_norm_ call cannot mix, so each mesh's norm is reduced on its own."""
+    groups: dict[Any, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            key = (p.grad.device_mesh, p.grad.placements) if hasattr(p.grad, "device_mesh") else None
+            groups.setdefault(key, []).append(p.grad)
+    squares = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double() ** 2)
+    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
+    if max_norm > 0:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for grads in groups.values():
+            torch._foreach_mul_(grads, coef.to(grads[0].device, torch.float32))
+    return float(total)
 
 
 def barrier(rt: Runtime) -> None:

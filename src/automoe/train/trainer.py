@@ -33,7 +33,7 @@ from .data import (
 from .evaluate import eval_pairs, exact_match
 from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses, progress_bar
 from .model import build_model, build_tokenizer, export_hf
-from .runtime import Runtime, all_sum, barrier, init_runtime, shutdown
+from .runtime import Runtime, all_sum, barrier, clip_grad_norm, init_runtime, shutdown
 from .state import clean_partial, complete_checkpoints, load_checkpoint, save_checkpoint
 
 
@@ -83,11 +83,11 @@ def real_tokens(rows: list) -> int:
 
 
 @torch.no_grad()
-def validation_loss(model, rows, recipe: Recipe, rt: Runtime, pad_id: int) -> float:
+def validation_loss(model, rows, recipe: Recipe, rt: Runtime, pad_id: int, micro: int) -> float:
     was_training = model.training
     model.eval()
     total, count = 0.0, 0.0
-    for batch_rows in eval_batches(rows, recipe.train.batch_size, rt.dp_rank, rt.dp_size):
+    for batch_rows in eval_batches(rows, micro, rt.dp_rank, rt.dp_size):
         batch = to_device(collate(batch_rows, recipe.data.max_seq_len, pad_id), rt.device)
         ce, _ = token_loss_sum(model, batch)
         total += ce.item()
@@ -95,14 +95,6 @@ def validation_loss(model, rows, recipe: Recipe, rt: Runtime, pad_id: int) -> fl
     model.train(was_training)
     total, count = all_sum([total, count], rt)
     return total / max(count, 1.0)
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
 
 
 def prepare_data(recipe: Recipe, tokenizer: Any, log: Callable[[str], None]):
@@ -130,7 +122,11 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
     tokenizer = build_tokenizer(recipe.model)
     train_rows, val_rows, pairs = prepare_data(recipe, tokenizer, say)
     t = recipe.train
-    plan = BatchPlan(train_rows, t.batch_size * t.grad_accum * rt.dp_size, recipe.seed, recipe.data.shuffle)
+    if t.batch_size % (t.grad_accum * rt.dp_size):
+        raise RecipeError(f"train.batch_size: {t.batch_size} rows do not split into grad_accum ({t.grad_accum}) x "
+                          f"{rt.dp_size} data-parallel ranks; use a multiple of {t.grad_accum * rt.dp_size}")
+    micro = t.batch_size // (t.grad_accum * rt.dp_size)
+    plan = BatchPlan(train_rows, t.batch_size, recipe.seed, recipe.data.shuffle)
     total_steps = plan.total_steps(t.max_steps, t.epochs)
     resume_from = None
     if resume:
@@ -140,7 +136,7 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
             raise RecipeError(f"--resume: no complete checkpoint in {ckpt_root}")
         resume_from = found[-1]
 
-    model = build_model(recipe.model, tokenizer, rt, recipe.seed, t.router_aux_loss_coef > 0)
+    model = build_model(recipe.model, tokenizer, rt, recipe.seed, t.router_aux_loss_coef > 0, out_dir / "init")
     model.train()
     optimizer = make_optimizer(recipe, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
@@ -175,15 +171,15 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         rows = plan.step_rows(step)
         n_trained = trained_tokens(rows)
         local_sum = 0.0
-        for micro in micro_batches(rows, t.batch_size, t.grad_accum, rt.dp_rank, rt.dp_size):
-            batch = to_device(collate(micro, recipe.data.max_seq_len, tokenizer.pad_token_id), rt.device)
+        for micro_rows in micro_batches(rows, micro, t.grad_accum, rt.dp_rank, rt.dp_size):
+            batch = to_device(collate(micro_rows, recipe.data.max_seq_len, tokenizer.pad_token_id), rt.device)
             ce, out = token_loss_sum(model, batch)
             loss_t = ce * (grad_scale / max(n_trained, 1))
             if t.router_aux_loss_coef > 0 and getattr(out, "aux_loss", None) is not None:
                 loss_t = loss_t + t.router_aux_loss_coef * out.aux_loss / t.grad_accum
             loss_t.backward()
             local_sum += ce.item()
-        grad_norm = clip_gradients(model, t.grad_clip)
+        grad_norm = clip_grad_norm(model, t.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -206,7 +202,7 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
                 refresh=False,
             )
         if val_rows and ((t.eval_every and done % t.eval_every == 0) or done == total_steps):
-            record["val_loss"] = validation_loss(model, val_rows, recipe, rt, tokenizer.pad_token_id)
+            record["val_loss"] = validation_loss(model, val_rows, recipe, rt, tokenizer.pad_token_id, micro)
             if rt.is_main:
                 bar.write(f"step {done}: train loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
         sink.log(record)
