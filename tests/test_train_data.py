@@ -1,0 +1,136 @@
+"""Data for `automoe finetune`: bad rows reported by line, loss masks, chat templates, packing, file formats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from automoe.train.config import DataConfig, RecipeError
+from automoe.train.data import IGNORE, Encoder, collate, load_samples, pack
+from automoe.train.tokenizer import build_char_tokenizer
+
+TOK = build_char_tokenizer()
+
+
+def targets(sample) -> str:
+    return TOK.decode([t for t in sample.labels if t != IGNORE])
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return str(path)
+
+
+BAD_FILE = [
+    {"prompt": "abc", "completion": "cba"},
+    {"prompt": "abc"},
+    {"prompt": "abc", "completion": "  "},
+    {"prompt": "x" * 100, "completion": "y"},
+    "{not json",
+    {"messages": [{"role": "user", "content": "hi"}]},
+    {"prompt": 3, "completion": "x"},
+    {"prompt": "de", "completion": "ed"},
+]
+
+
+def test_bad_rows_are_reported_by_line_and_skipped(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", BAD_FILE)
+    messages = []
+    samples = load_samples(path, "data.train", Encoder(TOK, DataConfig(max_seq_len=64)), "skip", messages.append)
+    assert [targets(s) for s in samples] == ["cba<eos>", "ed<eos>"]
+    (report,) = messages
+    assert "skipped 6 bad row(s)" in report
+    for expected in ("line 2: missing field 'completion'", "line 3: empty completion", "line 4: over-long sample",
+                     "line 5: not valid JSON", "line 6: empty completion", "line 7: field 'prompt' must be a string"):
+        assert expected in report
+
+
+def test_bad_rows_rejected_when_the_recipe_says_error(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", BAD_FILE)
+    with pytest.raises(RecipeError) as err:
+        load_samples(path, "data.train", Encoder(TOK, DataConfig(max_seq_len=64)), "error")
+    text = str(err.value)
+    assert "6 bad row(s)" in text and "line 2:" in text
+    assert "line 4: over-long sample: 105 tokens > data.max_seq_len 64" in text
+
+
+def test_cli_rejects_bad_rows_before_training(tmp_path, capsys):
+    from automoe.train.cli import main
+
+    path = write_jsonl(tmp_path / "d.jsonl", BAD_FILE)
+    out = tmp_path / "run"
+    assert main(["--data.train", path, "--data.bad_rows", "error", "--output.dir", str(out)]) == 2
+    assert "line 3: empty completion" in capsys.readouterr().err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_prompt_tokens_carry_no_loss():
+    enc = Encoder(TOK, DataConfig())
+    s = enc.encode({"prompt": "hello", "completion": "olleh"})
+    assert TOK.decode(s.input_ids) == "<bos><|user|>hello<|assistant|>olleh<eos>"
+    assert targets(s) == "olleh<eos>"
+    # label t is token t+1, and only where token t+1 belongs to the completion
+    first = s.labels.index(next(t for t in s.labels if t != IGNORE))
+    assert TOK.convert_ids_to_tokens(s.input_ids[first]) == "<|assistant|>"
+    plain = Encoder(TOK, DataConfig(chat_template=False)).encode({"prompt": "ab", "completion": "ba"})
+    assert TOK.decode(plain.input_ids) == "<bos>abba<eos>" and targets(plain) == "ba<eos>"
+
+
+def test_chat_messages_train_only_assistant_turns():
+    enc = Encoder(TOK, DataConfig())
+    row = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"},
+                        {"role": "assistant", "content": "ba"}, {"role": "user", "content": "cd"},
+                        {"role": "assistant", "content": "dc"}]}
+    s = enc.encode(row)
+    rendered = "<bos><|system|>be brief<|user|>ab<|assistant|>ba<eos><|user|>cd<|assistant|>dc<eos>"
+    assert TOK.decode(s.input_ids) == rendered
+    assert targets(s) == "ba<eos>dc<eos>"
+    with pytest.raises(RecipeError, match="chat messages need a chat template"):
+        Encoder(TOK, DataConfig(chat_template=False)).encode(row)
+
+
+def test_packing_masks_attention_per_document():
+    """A packed row gives each document the logits it gets alone: nothing attends across documents."""
+    from tiny_configs import make_config
+
+    from automoe import AutoMoEForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe", vocab_size=len(TOK))).eval()
+    enc = Encoder(TOK, DataConfig())
+    docs = [enc.encode({"prompt": p, "completion": p[::-1]}) for p in ("abc", "hello", "zz")]
+    rows = pack(docs, 40, packing=True)
+    assert [len(r) for r in rows] == [3]
+    batch = collate(rows, 40, TOK.pad_token_id)
+    assert batch["position_ids"][0, : len(docs[0].input_ids) + 1].tolist()[-1] == 0  # restarts
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for d in docs:
+            alone = model(input_ids=torch.tensor([d.input_ids]), use_cache=False).logits[0]
+            torch.testing.assert_close(packed[start : start + len(d.input_ids)], alone, atol=1e-5, rtol=1e-5)
+            start += len(d.input_ids)
+    assert [len(r) for r in pack(docs, 40, packing=False)] == [1, 1, 1]
+
+
+def test_json_array_and_parquet_files(tmp_path):
+    enc = Encoder(TOK, DataConfig())
+    rows = [{"prompt": "ab", "completion": "ba"}, {"prompt": "cd", "completion": ""},
+            {"prompt": "ef", "completion": "fe"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    messages = []
+    got = load_samples(str(tmp_path / "d.json"), "data.train", enc, "skip", messages.append)
+    assert [targets(s) for s in got] == ["ba<eos>", "fe<eos>"] and "row 2: empty completion" in messages[0]
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+    messages = []
+    got = load_samples(str(tmp_path / "d.parquet"), "data.validation", enc, "skip", messages.append)
+    assert [targets(s) for s in got] == ["ba<eos>", "fe<eos>"] and "row 2: empty completion" in messages[0]
+
+
+def test_unsupported_file_type(tmp_path):
+    (tmp_path / "d.txt").write_text("hello")
+    with pytest.raises(RecipeError, match="unsupported data file type '.txt'"):
+        load_samples(str(tmp_path / "d.txt"), "data.train", Encoder(TOK, DataConfig()), "skip")
