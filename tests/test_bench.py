@@ -10,25 +10,29 @@ import pytest
 import torch
 
 from automoe.bench import cli, measure, worker
+from automoe.bench.columns import ColumnSpec
 from automoe.bench.workload import flops_per_token, make_config
 
 
 def test_bench_runs_both_columns_in_subprocesses(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--workload", "tiny", "--layers", "1", "--seq", "32", "--steps", "1", "--warmup", "1",
-            "--max-seq", "64", "--out", str(out), "--columns", "automoe,v5", "--device", "cpu"]
+            "--max-seq", "64", "--out", str(out), "--columns", "automoe,v5", "--device", "cpu",
+            "--optimizer", "automoe,automoe-in-backward"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "automoe / Transformers v5" in printed and "step TPS by seq" in printed
+    assert "automoe (own router) / Transformers v5" in printed and "step TPS by seq" in printed
     result = json.loads((out / "bench-tiny-seq32.json").read_text())
     assert (out / "bench-tiny-seq32.png").stat().st_size > 0
-    cols = {c["column"]: c for c in result["columns"]}
-    assert set(cols) == {"automoe", "v5"}
+    cols = {c["key"]: c for c in result["columns"]}
+    assert set(cols) == {"automoe-automoe", "automoe-automoe-in-backward", "v5"}
     for col in cols.values():
         assert [r["seq"] for r in col["runs"]] == [32, 64]
         assert all(r["step_tps"] > 0 and r["step_ms"] >= r["fwd_loss_ms"] for r in col["runs"])
-    first = cols["automoe"]["runs"][0]["losses"][0], cols["v5"]["runs"][0]["losses"][0]
-    assert first[0] == pytest.approx(first[1], rel=2e-2), "same weights and tokens give the same first loss"
+    for key in ("automoe-automoe", "automoe-automoe-in-backward"):
+        first = cols[key]["runs"][0]["losses"][0], cols["v5"]["runs"][0]["losses"][0]
+        assert first[0] == pytest.approx(first[1], rel=2e-2), "same weights and tokens give the same first loss"
+    assert "AdamW in backward" in cols["automoe-automoe-in-backward"]["label"]
     assert result["columns"][0]["label"] == "automoe (own router)"
 
 
@@ -43,7 +47,7 @@ def test_sweep_stops_at_the_first_sequence_that_runs_out_of_memory(monkeypatch):
     monkeypatch.setattr(worker, "measure", measure_or_oom)
     args = cli.parse(["--workload", "tiny", "--layers", "1", "--seq", "32", "--steps", "1", "--warmup", "0",
                       "--max-seq", "512", "--device", "cpu", "--router", "balanced"])
-    result = cli.run_in_process("automoe", args, dense=False)
+    result = cli.run_in_process(ColumnSpec("automoe", router="balanced", optimizer="automoe"), args, dense=False)
     assert [(r["seq"], bool(r.get("oom"))) for r in result["runs"]] == [(32, False), (64, False), (128, True)]
     assert result["label"] == "automoe (balanced router)"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .columns import COLUMNS, ColumnSpec, liger_available
+from .columns import COLUMNS, OPTIMIZERS, ColumnSpec, liger_available
 from .report import table, write
 from .workload import WORKLOADS, flops_per_token, make_config
 
@@ -39,9 +39,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-seq", type=int, default=0,
                    help="sequence sweep at batch 1: double --seq up to this until a column runs out of memory")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch", "off"])
-    p.add_argument("--optimizer", default="automoe", choices=["automoe", "automoe-in-backward", "torch"],
-                   help="automoe column's AdamW: automoe.kernels.AdamW (stepped after backward, or applied in "
-                        "backward as each gradient is ready) or torch's fused AdamW; peers always use torch's")
+    p.add_argument("--optimizer", default="automoe",
+                   help="automoe column's AdamW, comma-separated for one automoe column each: automoe "
+                        "(automoe.kernels.AdamW stepped after backward), automoe-in-backward (applied as each "
+                        "gradient is ready), torch (torch's fused AdamW); peers always use torch's fused AdamW")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
@@ -53,36 +54,38 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.column_list) - set(COLUMNS))
     if unknown:
         p.error(f"unknown column(s) {unknown}; choose from {', '.join(COLUMNS)}")
+    args.optimizer_list = [o.strip() for o in args.optimizer.split(",") if o.strip()]
+    bad = sorted(set(args.optimizer_list) - set(OPTIMIZERS))
+    if bad:
+        p.error(f"unknown optimizer(s) {bad}; choose from {', '.join(OPTIMIZERS)}")
     if args.max_seq and args.max_seq < args.seq:
         p.error(f"--max-seq {args.max_seq} is below --seq {args.seq}")
     return args
 
 
 def worker_args(args: argparse.Namespace, dense: bool) -> dict:
-    keys = ("workload", "layers", "seq", "batch", "steps", "warmup", "router", "max_seq", "kernels", "optimizer",
-            "device", "seed", "profile")
+    keys = ("workload", "layers", "seq", "batch", "steps", "warmup", "router", "max_seq", "kernels", "device",
+            "seed", "profile")
     return {**{k: getattr(args, k) for k in keys}, "dense": dense}
 
 
-def run_subprocess(column: str, args: argparse.Namespace, dense: bool) -> dict:
+def run_subprocess(spec: ColumnSpec, args: argparse.Namespace, dense: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "column.json"
-        cmd = [sys.executable, "-m", "automoe.bench.worker", "--column", column,
+        cmd = [sys.executable, "-m", "automoe.bench.worker", "--column", spec.name, "--optimizer", spec.optimizer,
                "--args", json.dumps(worker_args(args, dense)), "--out", str(out)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         sys.stderr.write(proc.stdout[-4000:])
         if proc.returncode != 0 or not out.exists():
             tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
-            label = ColumnSpec(column, router=args.router, optimizer=args.optimizer).label
-            return {"column": column, "label": label, "runs": [],
+            return {"column": spec.name, "label": spec.label, "runs": [],
                     "error": f"exit {proc.returncode}: {tail[0]}"}
         return json.loads(out.read_text())
 
 
-def run_in_process(column: str, args: argparse.Namespace, dense: bool) -> dict:
+def run_in_process(spec: ColumnSpec, args: argparse.Namespace, dense: bool) -> dict:
     from .worker import run_column
 
-    spec = ColumnSpec(column, router=args.router, kernels=args.kernels, optimizer=args.optimizer)
     ns = argparse.Namespace(**worker_args(args, dense))
     result = run_column(spec, ns, torch.device(args.device))
     if torch.cuda.is_available():
@@ -113,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     columns = [c for c in args.column_list if c != "v5+liger" or (liger_available() and (not in_process or world > 1))]
     columns.sort(key=lambda c: c == "v5+liger")  # Liger patches classes: always last
     skipped = sorted(set(args.column_list) - set(columns))
+    specs = [ColumnSpec(c, router=args.router, kernels=args.kernels, optimizer=o)
+             for c in columns for o in (args.optimizer_list if c == "automoe" else ["torch"])]
     run = run_in_process if in_process else run_subprocess
-    results = [run(c, args, dense=(i == 0)) for i, c in enumerate(columns)]
     config = make_config(args.workload, args.layers)
+    rank = int(os.environ.get("RANK", "0"))
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "automoe bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
@@ -125,18 +130,23 @@ def main(argv: list[str] | None = None) -> int:
         "layers": config.num_hidden_layers,
         "router": args.router,
         "versions": versions(),
-        "args": {k: v for k, v in vars(args).items() if k != "column_list"},
+        "args": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
         "flops_per_token": flops_per_token(config, args.seq),
-        "dense_tflops": results[0].get("dense_tflops") if results else None,
-        "columns": results,
+        "dense_tflops": None,
+        "columns": [],
         "skipped_columns": skipped,
     }
+    for i, spec in enumerate(specs):
+        result["columns"].append(run(spec, args, dense=(i == 0)))
+        result["dense_tflops"] = result["columns"][0].get("dense_tflops")
+        if rank == 0:  # what is done so far survives a run cut short
+            write(result, Path(args.out), plot=False)
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(table(result))
         if skipped:
             print(f"\nnot run: {', '.join(skipped)} (liger-kernel not importable, or --in-process)")
-        for col in results:
+        for col in result["columns"]:
             if col.get("error"):
                 print(f"{col['label']}: failed: {col['error']}")
         for path in write(result, Path(args.out), plot=not args.no_plot):

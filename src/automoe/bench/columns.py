@@ -17,6 +17,7 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 COLUMNS = ("automoe", "v5", "v5+liger")
+OPTIMIZERS = ("automoe", "automoe-in-backward", "torch")
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,13 @@ class ColumnSpec:
     name: str
     router: str = "model"
     kernels: str = "auto"
-    optimizer: str = "automoe"  # automoe column only: "automoe", "automoe-in-backward" or "torch" (fused)
+    optimizer: str = "torch"  # automoe column: one of OPTIMIZERS; the peers always step torch's fused AdamW
+
+    @property
+    def key(self) -> str:
+        """Unique per column of a run, safe in file names."""
+        base = self.name.replace("+", "-")
+        return f"{base}-{self.optimizer}" if self.name == "automoe" else base
 
     @property
     def label(self) -> str:

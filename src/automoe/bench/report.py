@@ -59,20 +59,25 @@ def table(result: dict) -> str:
 
 
 def ratios(result: dict) -> list[str]:
-    cols = {c["column"]: c for c in result["columns"]}
-    ours = main_run(cols["automoe"]) if "automoe" in cols else None
-    if ours is None:
-        return []
+    """Each automoe column against each peer, at the main seq and at every sweep seq both trained."""
+    ours = [c for c in result["columns"] if c["column"] == "automoe"]
+    peers = [c for c in result["columns"] if c["column"] != "automoe"]
     lines = []
-    for name, col in cols.items():
-        peer = main_run(col)
-        if name == "automoe" or peer is None:
-            continue
-        lines.append(
-            f"automoe / {col['label']}: step TPS x{ours['step_tps'] / peer['step_tps']:.2f}, "
-            f"fwd+bwd TPS x{ours['fwd_bwd_tps'] / peer['fwd_bwd_tps']:.2f}"
-            + (f", peak {ours['peak_gib']:.1f} vs {peer['peak_gib']:.1f} GiB" if "peak_gib" in ours else "")
-        )
+    for mine in ours:
+        for peer in peers:
+            a, b = main_run(mine), main_run(peer)
+            if a is None or b is None:
+                continue
+            line = (f"{mine['label']} / {peer['label']}: step TPS x{a['step_tps'] / b['step_tps']:.2f}, "
+                    f"fwd+bwd TPS x{a['fwd_bwd_tps'] / b['fwd_bwd_tps']:.2f}")
+            if "peak_gib" in a and "peak_gib" in b:
+                line += f", peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB"
+            both = {r["seq"]: r for r in peer["runs"] if r["batch"] == 1 and not r.get("oom")}
+            sweep = [(r["seq"], r["step_tps"] / both[r["seq"]]["step_tps"]) for r in mine["runs"]
+                     if r["batch"] == 1 and not r.get("oom") and r["seq"] in both and r is not a]
+            if sweep:
+                line += "; sweep " + ", ".join(f"{s}: x{x:.2f}" for s, x in sweep)
+            lines.append(line)
     return lines
 
 

@@ -42,7 +42,7 @@ def profile_step(model, optimizer, tokens: torch.Tensor, path: str) -> None:
 
 def run_column(spec: ColumnSpec, args: argparse.Namespace, device: torch.device) -> dict:
     config = make_config(args.workload, args.layers)
-    out: dict = {"column": spec.name, "label": spec.label, "runs": []}
+    out: dict = {"column": spec.name, "key": spec.key, "label": spec.label, "runs": []}
     if args.dense:
         out["dense_tflops"] = dense_matmul_tflops(device)
     torch.manual_seed(args.seed)
@@ -64,18 +64,19 @@ def run_column(spec: ColumnSpec, args: argparse.Namespace, device: torch.device)
         out["runs"].append(result)
         print(f"[{spec.name}] batch {batch} seq {seq}: {result['step_tps']:,.0f} step TPS", file=sys.stderr, flush=True)
         if args.profile and (batch, seq) == plan[0]:
-            profile_step(model, optimizer, tokens, f"{args.profile}/profile-{spec.name.replace('+', '-')}.txt")
+            profile_step(model, optimizer, tokens, f"{args.profile}/profile-{spec.key}.txt")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m automoe.bench.worker")
     parser.add_argument("--column", required=True)
+    parser.add_argument("--optimizer", default="torch")
     parser.add_argument("--args", required=True, help="the bench's arguments as JSON")
     parser.add_argument("--out", required=True)
     ns = parser.parse_args(argv)
     args = argparse.Namespace(**json.loads(ns.args))
-    spec = ColumnSpec(ns.column, router=args.router, kernels=args.kernels, optimizer=args.optimizer)
+    spec = ColumnSpec(ns.column, router=args.router, kernels=args.kernels, optimizer=ns.optimizer)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(0)
