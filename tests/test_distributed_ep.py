@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM, create_distributed_setup_from_config
 from automoe.checkpoint.safetensors_io import SafetensorsFile
+from automoe.distributed import clip_grad_norm_
 from automoe.moe.router import Router
 
 TOKENS_PER_RANK = (2, 16)
@@ -106,14 +107,19 @@ def _parity(paths: dict, family: str = "qwen3_moe", ep: int = 1, ac: str = "off"
     for (name, param), (ref_name, ref_param) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         assert name == ref_name
         assert _rel(param.grad.full_tensor(), ref_param.grad) <= 1e-4, name
+    total = clip_grad_norm_(model.parameters(), 1e-3)
+    ref_total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)
+    assert abs(total.item() - ref_total.item()) <= 1e-5 * ref_total.item()
     for m in (model, ref):
         torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-3).step()
     out = os.path.join(paths["tmp"], f"saved-{family}-ep{ep}-{ac}-r{replicate}-w{world}")
     model.save_pretrained(out)
     if rank == 0:
-        saved = SafetensorsFile(out).entries
-        assert "model.layers.1.mlp.experts.0.gate_proj.weight" in saved  # per-expert keys, as HF writes them
-        assert not any(k.endswith("experts.gate_up_proj") for k in saved)
+        ref.save_pretrained(out + "-hf")
+        saved, hf_saved = SafetensorsFile(out).entries, SafetensorsFile(out + "-hf").entries
+        assert {k: (e.shape, e.dtype) for k, e in saved.items()} == {k: (e.shape, e.dtype) for k, e in hf_saved.items()}
+        if family != "gpt_oss":  # per-expert keys on disk, as transformers writes them
+            assert "model.layers.1.mlp.experts.0.gate_proj.weight" in saved
         loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
         for (name, param), (_, ref_param) in zip(loaded.named_parameters(), ref.named_parameters(), strict=True):
             assert _rel(param.detach(), ref_param.detach()) <= 1e-4, name
@@ -226,7 +232,7 @@ SCENARIOS = {"parity": _parity, "skewed": _skewed, "reads": _reads, "from_config
 def paths(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ep")
     out = {"tmp": str(root)}
-    for family in ("qwen3_moe", "deepseek_v3"):
+    for family in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(make_config(family, output_router_logits=False))
         out[family] = str(root / family)
@@ -241,6 +247,7 @@ def test_two_ranks(paths):
         ("parity", dict(ep=2, ac="selective")),
         ("parity", dict(ep=1, ac="full")),
         ("parity", dict(family="deepseek_v3", ep=2)),
+        ("parity", dict(family="gpt_oss", ep=2)),
         ("skewed", dict(ep=2)),
         ("reads", dict(ep=2)),
         ("from_config", dict(ep=2)),

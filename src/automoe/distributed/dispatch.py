@@ -63,12 +63,15 @@ class AllToAllDispatcher:
         local_ids = torch.arange(self.num_local, device=hidden.device).repeat(self.ep_size)
         row_ids = torch.repeat_interleave(local_ids, recv_counts, output_size=total)
         row_expert, regroup = torch.sort(row_ids, stable=True)
-        # Padding rows keep grouped_mm away from an empty input (its CPU backward fails on zero rows); the
-        # experts leave them undefined and combine drops them.
+        # Zero padding rows keep grouped_mm away from an empty input (its CPU backward fails on zero rows). They
+        # are counted as rows of the last local expert, so every row is computed and differentiated for real
+        # (rows past sum(counts) would get undefined gradients, which expert biases would sum up); combine drops
+        # them, so their gradients are exactly zero.
         padded = (total // _PAD_ROWS + 1) * _PAD_ROWS
         tokens = torch.cat([received[regroup], received.new_zeros(padded - total, received.shape[1])])
-        row_expert = torch.cat([row_expert, row_expert.new_zeros(padded - total)])
+        row_expert = torch.cat([row_expert, row_expert.new_full((padded - total,), self.num_local - 1)])
         local_counts = recv_counts.view(self.ep_size, self.num_local).sum(0)
+        local_counts[-1] += padded - total
         state = (order, weights, num_tokens, top_k, regroup, send_splits, recv_splits)
         return Dispatched(tokens, local_counts, row_expert, state)
 
