@@ -82,7 +82,7 @@ def rows_function(setup: DistributedSetup):
             first = mesh["ep"].get_local_rank() * per_rank
             start, end = _chunk(per_rank, setup.ep_shard_size, mesh["ep_shard"].get_local_rank())
             return first + start, first + end
-        return _chunk(tensor.shape[0], setup.world_size // setup.dp_replicate_size, mesh["dp_shard"].get_local_rank())
+        return _chunk(tensor.shape[0], setup.dp_shard_mesh.size(), setup.dp_shard_mesh.get_local_rank())
 
     return rows_of
 

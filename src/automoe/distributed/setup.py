@@ -44,6 +44,7 @@ class DistributedSetup:
     reduce_dtype: torch.dtype | None = None
     reshard_after_forward: bool = True
     mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
+    dp_shard_mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
 
     @property
     def world_size(self) -> int:
@@ -70,7 +71,7 @@ class DistributedSetup:
     @property
     def dp_mesh(self) -> DeviceMesh:
         """FSDP mesh of non-expert weights: the whole data-parallel world (2D for HSDP)."""
-        return self.mesh["dp_replicate", "dp_shard"] if self.dp_replicate_size > 1 else self.mesh["dp_shard"]
+        return self.mesh["dp_replicate", "dp_shard"] if self.dp_replicate_size > 1 else self.dp_shard_mesh
 
     @property
     def expert_dp_mesh(self) -> DeviceMesh:
@@ -94,7 +95,7 @@ def create_distributed_setup_from_config(config: dict[str, Any]) -> DistributedS
     """
     if not isinstance(config, dict):
         raise TypeError(f"create_distributed_setup_from_config takes a dict, not {type(config).__name__}.")
-    known = {f.name for f in fields(DistributedSetup)} - {"mesh"}
+    known = {f.name for f in fields(DistributedSetup)} - {"mesh", "dp_shard_mesh"}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"distributed setup: unknown key(s) {unknown}; known keys are {sorted(known)}.")
@@ -128,11 +129,13 @@ def create_distributed_setup_from_config(config: dict[str, Any]) -> DistributedS
             f"distributed setup: world size {world} is not divisible by dp_replicate_size ({replicate}) x "
             f"ep_size ({ep}) = {ep * replicate}; choose sizes whose product divides {world}."
         )
-    opts["mesh"] = _build_mesh(world, replicate, ep)
+    opts["mesh"], opts["dp_shard_mesh"] = _build_mesh(world, replicate, ep)
     return DistributedSetup(**opts)
 
 
-def _build_mesh(world: int, replicate: int, ep: int) -> DeviceMesh:
+def _build_mesh(world: int, replicate: int, ep: int) -> tuple[DeviceMesh, DeviceMesh]:
+    """The root mesh and its flattened ("ep_shard", "ep") dimension, kept since slicing a flattened dimension
+    out of the root is being deprecated in torch."""
     backend = dist.get_backend()
     if "nccl" in str(backend):
         device_type = "cuda"
@@ -142,5 +145,4 @@ def _build_mesh(world: int, replicate: int, ep: int) -> DeviceMesh:
     mesh = init_device_mesh(
         device_type, (replicate, world // (replicate * ep), ep), mesh_dim_names=("dp_replicate", "ep_shard", "ep")
     )
-    mesh["ep_shard", "ep"]._flatten("dp_shard")
-    return mesh
+    return mesh, mesh["ep_shard", "ep"]._flatten("dp_shard")
