@@ -25,9 +25,15 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from .runtime import Runtime, barrier
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
-# Fault injection for the kill-during-save test: seconds to sleep after the tensors are written and before
-# the checkpoint is committed.
+# Fault injection for the kill-during-save test: "STEP:SECONDS" sleeps that long in the save of that step,
+# after the tensors are written and before the checkpoint is committed.
 SAVE_DELAY_ENV = "AUTOMOE_TEST_SAVE_DELAY"
+
+
+def _injected_delay(step: int) -> None:
+    at, _, seconds = os.environ.get(SAVE_DELAY_ENV, "").partition(":")
+    if at and int(at) == step:
+        time.sleep(float(seconds))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -76,8 +82,7 @@ def save_checkpoint(
     with warnings.catch_warnings():  # one process without a process group is a supported case, not a problem
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    if os.environ.get(SAVE_DELAY_ENV):
-        time.sleep(float(os.environ[SAVE_DELAY_ENV]))
+    _injected_delay(step)
     torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"rank{rt.rank:05d}.pt")
     barrier(rt)
     if rt.is_main:
