@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     skipped = sorted(set(args.column_list) - set(columns))
     specs = [ColumnSpec(c, router=args.router, kernels=args.kernels, optimizer=o)
              for c in columns for o in (args.optimizer_list if c == "automoe" else ["torch"])]
+    # first automoe variant, then the peers (Liger last), then other automoe variants: a run cut short keeps
+    # the main comparison
+    specs.sort(key=lambda s: (s.name == "automoe" and s.optimizer != args.optimizer_list[0], s.name == "v5+liger"))
     run = run_in_process if in_process else run_subprocess
     config = make_config(args.workload, args.layers)
     rank = int(os.environ.get("RANK", "0"))

@@ -101,7 +101,7 @@ def _cpu_twin(module: nn.Module, dtype: torch.dtype, seed: int) -> nn.Module:
     with torch.no_grad():
         for tensor in itertools.chain(twin.parameters(), twin.buffers()):
             if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
+                tensor.copy_(torch.randn(tensor.shape, generator=gen, device="cpu") * 0.5)
     return twin
 
 
@@ -126,7 +126,7 @@ def router_spec(router: nn.Module, config, num_experts: int) -> RouterSpec:
     candidates = _router_candidates(router, config, num_experts, top_k)
     for dtype, seed in ((torch.float32, 0), (torch.bfloat16, 1)):
         twin = _cpu_twin(router, dtype, seed)
-        x = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(seed + 7)).to(dtype)
+        x = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(seed + 7), device="cpu").to(dtype)
         try:
             with torch.no_grad():
                 ref = twin(x)

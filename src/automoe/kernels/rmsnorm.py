@@ -122,10 +122,10 @@ def computes_rms_norm(module: nn.Module) -> bool:
         return False
     try:  # a shallow copy with its own CPU weight: works whatever device (meta, DTensor) the real weight is on
         probe = copy.copy(module)
-        fresh = nn.Parameter(torch.empty(weight.shape[0]).uniform_(0.5, 1.5))
+        fresh = nn.Parameter(torch.empty(weight.shape[0], device="cpu").uniform_(0.5, 1.5))
         probe._parameters = {**module._parameters, "weight": fresh}
         with torch.no_grad():
-            x = torch.randn(3, weight.shape[0])
+            x = torch.randn(3, weight.shape[0], device="cpu")
             got = type(module).forward(probe, x)
             want = rms_norm_reference(x, probe.weight, eps)
     except Exception:  # a module we cannot run on a probe is left as it is
