@@ -80,6 +80,6 @@ class AllToAllDispatcher:
         out = expert_out[: regroup.shape[0]]  # drop the padding rows
         rank_major = torch.empty_like(out).index_copy(0, regroup, out)
         back = _AllToAll.apply(rank_major, send_splits, recv_splits, self.group)
-        weighted = back * weights.unsqueeze(-1).to(back.dtype)
+        weighted = back * weights.unsqueeze(-1)  # fp32 router weights keep the sum in fp32, as LocalDispatcher
         unsorted = torch.empty_like(weighted).index_copy(0, order, weighted)
         return unsorted.view(num_tokens, top_k, -1).sum(dim=1)
