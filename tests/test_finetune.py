@@ -93,7 +93,7 @@ def test_kill_during_checkpoint_write_then_resume_gives_the_same_losses(tmp_path
     from automoe.train.trainer import make_optimizer
 
     for ckpt in complete_checkpoints(root):
-        model = build_model(recipe.model, build_char_tokenizer(), rt, 0, False, tmp_path / "unused")
+        model = build_model(recipe.model, build_char_tokenizer(), rt, 0, 0.0, tmp_path / "unused")
         extra = load_checkpoint(ckpt, model, make_optimizer(recipe, model), rt)
         assert extra["step"] == int(ckpt.name.split("_")[1])
 

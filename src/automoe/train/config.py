@@ -84,7 +84,7 @@ class TrainConfig:
     batch_size: int = 16  # packed rows per optimizer step, over all ranks: the same recipe, the same curve
     grad_accum: int = 1  # each rank's forward sees batch_size / (grad_accum x data-parallel ranks) rows
     grad_clip: float = 1.0  # 0 disables clipping
-    router_aux_loss_coef: float = 0.0  # > 0 adds the model's load-balancing loss
+    router_aux_loss_coef: float = 0.0  # > 0 adds the model's load-balancing loss with this weight (per micro-batch)
     log_every: int = 10
     eval_every: int = 100  # validation loss every N steps (0: only at the end)
     save_every: int = 200  # resumable checkpoint every N steps (0: never)

@@ -26,7 +26,7 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
     return AutoTokenizer.from_pretrained(source)
 
 
-def build_config(cfg: ModelConfig, tokenizer: Any, aux_loss: bool) -> Any:
+def build_config(cfg: ModelConfig, tokenizer: Any, aux_coef: float) -> Any:
     """An HF config from the recipe's dict; vocabulary and special ids default to the tokenizer's."""
     values = dict(cfg.config)
     model_type = values.pop("model_type")
@@ -41,11 +41,12 @@ def build_config(cfg: ModelConfig, tokenizer: Any, aux_loss: bool) -> Any:
         config = AutoConfig.for_model(model_type, **values)
     except ValueError as e:
         raise RecipeError(f"model.config.model_type: {e}") from e
-    config.output_router_logits = aux_loss
+    config.output_router_logits = aux_coef > 0
+    config.router_aux_loss_coef = aux_coef
     return config
 
 
-def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_loss: bool, scratch: Path) -> nn.Module:
+def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_coef: float, scratch: Path) -> nn.Module:
     """automoe's model: from a local checkpoint or a seeded random init; sharded (EP + FSDP2) under torchrun."""
     dtype = getattr(torch, cfg.dtype)
     kwargs: dict[str, Any] = dict(dtype=dtype, automoe_options=cfg.automoe_options or None)
@@ -56,14 +57,15 @@ def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_lo
     if path is None and rt.setup is not None and cfg.init == "reference":
         path = str(scratch)
         if rt.is_main:  # the one-process init, written once, so every world size starts from the same weights
-            AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_loss), **kwargs).save_pretrained(path)
+            AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_coef), **kwargs).save_pretrained(path)
         barrier(rt)
     if rt.setup is not None:
         kwargs["distributed_setup"] = rt.setup
     if path is not None:
-        model = AutoMoEForCausalLM.from_pretrained(path, output_router_logits=aux_loss, **kwargs)
+        model = AutoMoEForCausalLM.from_pretrained(path, output_router_logits=aux_coef > 0,
+                                                   router_aux_loss_coef=aux_coef, **kwargs)
     else:
-        model = AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_loss), **kwargs)
+        model = AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_coef), **kwargs)
     if path == str(scratch):
         barrier(rt)
         if rt.is_main:

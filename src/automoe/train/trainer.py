@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .config import Recipe, RecipeError
 from .data import (
@@ -65,13 +64,20 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-    """Summed next-token cross-entropy over trained positions (labels are pre-shifted), and the HF output."""
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    logits = out.logits.float()
-    ce = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch["labels"].view(-1), ignore_index=IGNORE,
-                         reduction="sum")
-    return ce, out
+def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], denominator: float) -> tuple[Any, float]:
+    """(loss to backpropagate, summed cross-entropy over the trained tokens).
+
+    The model's own loss path (so automoe's fused linear+cross-entropy runs when `fused_loss` is on): labels
+    are already shifted, and `num_items_in_batch` makes it sum / denominator. HF adds the router aux loss
+    (config.router_aux_loss_coef x aux) when the config asks for router logits; it is left out of the sum."""
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=labels,
+                shift_labels=labels, num_items_in_batch=denominator, use_cache=False)
+    ce = out.loss.detach()
+    aux = getattr(out, "aux_loss", None)
+    if aux is not None:
+        ce = ce - model.config.router_aux_loss_coef * aux.detach().to(ce.device)
+    return out.loss, ce.item() * denominator
 
 
 def trained_tokens(rows: list) -> int:
@@ -89,8 +95,7 @@ def validation_loss(model, rows, recipe: Recipe, rt: Runtime, pad_id: int, micro
     total, count = 0.0, 0.0
     for batch_rows in eval_batches(rows, micro, rt.dp_rank, rt.dp_size):
         batch = to_device(collate(batch_rows, recipe.data.max_seq_len, pad_id), rt.device)
-        ce, _ = token_loss_sum(model, batch)
-        total += ce.item()
+        total += model_loss(model, batch, 1.0)[1]
         count += float((batch["labels"] != IGNORE).sum())
     model.train(was_training)
     total, count = all_sum([total, count], rt)
@@ -136,7 +141,7 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
             raise RecipeError(f"--resume: no complete checkpoint in {ckpt_root}")
         resume_from = found[-1]
 
-    model = build_model(recipe.model, tokenizer, rt, recipe.seed, t.router_aux_loss_coef > 0, out_dir / "init")
+    model = build_model(recipe.model, tokenizer, rt, recipe.seed, t.router_aux_loss_coef, out_dir / "init")
     model.train()
     optimizer = make_optimizer(recipe, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
@@ -173,12 +178,9 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         local_sum = 0.0
         for micro_rows in micro_batches(rows, micro, t.grad_accum, rt.dp_rank, rt.dp_size):
             batch = to_device(collate(micro_rows, recipe.data.max_seq_len, tokenizer.pad_token_id), rt.device)
-            ce, out = token_loss_sum(model, batch)
-            loss_t = ce * (grad_scale / max(n_trained, 1))
-            if t.router_aux_loss_coef > 0 and getattr(out, "aux_loss", None) is not None:
-                loss_t = loss_t + t.router_aux_loss_coef * out.aux_loss / t.grad_accum
+            loss_t, ce_sum = model_loss(model, batch, max(n_trained, 1) / grad_scale)
             loss_t.backward()
-            local_sum += ce.item()
+            local_sum += ce_sum
         grad_norm = clip_grad_norm(model, t.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
