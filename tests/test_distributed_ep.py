@@ -232,11 +232,13 @@ SCENARIOS = {"parity": _parity, "skewed": _skewed, "reads": _reads, "from_config
 def paths(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("ep")
     out = {"tmp": str(root)}
-    for family in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
+    tied = ("qwen3_moe", {"tie_word_embeddings": True})
+    for name, (family, extra) in {"qwen3_moe": ("qwen3_moe", {}), "deepseek_v3": ("deepseek_v3", {}),
+                                  "gpt_oss": ("gpt_oss", {}), "qwen3_moe_tied": tied}.items():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(make_config(family, output_router_logits=False))
-        out[family] = str(root / family)
-        model.save_pretrained(out[family])
+        model = AutoModelForCausalLM.from_config(make_config(family, output_router_logits=False, **extra))
+        out[name] = str(root / name)
+        model.save_pretrained(out[name])
     return out
 
 
@@ -248,6 +250,7 @@ def test_two_ranks(paths):
         ("parity", dict(ep=1, ac="full")),
         ("parity", dict(family="deepseek_v3", ep=2)),
         ("parity", dict(family="gpt_oss", ep=2)),
+        ("parity", dict(family="qwen3_moe_tied", ep=2)),
         ("skewed", dict(ep=2)),
         ("reads", dict(ep=2)),
         ("from_config", dict(ep=2)),

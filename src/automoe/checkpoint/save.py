@@ -8,6 +8,7 @@ the per-expert keys on disk. No rank ever holds the whole model, on its GPU or i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -125,23 +126,26 @@ def save_pretrained_distributed(
                 os.remove(os.path.join(directory, name))
         writer = _ShardWriter(directory, convert_file_size_to_int(max_shard_size))
     state = model.state_dict()
-    seen: set[int] = set()
-    keys = []
-    for key, tensor in state.items():  # tied weights (same tensor under two names) are saved once, as HF does
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            keys.append(key)
-    for group in _layer_groups(keys):
-        gathered = {}
-        for key in group:
-            tensor = state[key]
-            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    # named_parameters lists a tied weight once, under its first name: saved once, as transformers does
+    owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    keys = [key for key in state if key in owned]
+    redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute_log.level
+    redistribute_log.setLevel(logging.ERROR)  # gathering (_StridedShard, Shard) experts warns on every tensor
+    try:
+        for group in _layer_groups(keys):
+            gathered = {}
+            for key in group:
+                tensor = state[key]
+                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                if main:
+                    gathered[key] = full.detach().to("cpu", copy=True)
+                del full
             if main:
-                gathered[key] = full.detach().to("cpu", copy=True)
-            del full
-        if main:
-            for key, tensor in revert_weight_conversion(model, gathered).items():
-                writer.add(key, tensor)
+                for key, tensor in revert_weight_conversion(model, gathered).items():
+                    writer.add(key, tensor)
+    finally:
+        redistribute_log.setLevel(level)
     if main:
         writer.finish()
         model.config.architectures = [hf_class(model).__name__]
