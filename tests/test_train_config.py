@@ -60,3 +60,16 @@ def test_cli_stops_before_training_and_names_the_problem(tmp_path, capsys):
         assert main(args + ["--output.dir", str(out)]) == 2
         assert message in capsys.readouterr().err
         assert not (out / "metrics.jsonl").exists()  # nothing trained
+
+
+def test_example_recipes_load_and_the_default_one_is_the_embedded_default():
+    from pathlib import Path
+
+    from automoe.train.config import Recipe
+
+    examples = sorted((Path(__file__).parents[1] / "examples").glob("*.yaml"))
+    assert {p.name for p in examples} >= {"tiny_default.yaml", "qwen3_30b_a3b_4gpu.yaml", "qwen3_30b_a3b_8gpu.yaml"}
+    recipes = {p.name: load_recipe(p) for p in examples}
+    assert recipes["tiny_default.yaml"] == Recipe()
+    assert recipes["qwen3_30b_a3b_8gpu.yaml"].distributed["ep_size"] == 8
+    assert recipes["qwen3_30b_a3b_4gpu.yaml"].distributed["ep_size"] == 4

@@ -65,7 +65,8 @@ def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_co
         model = AutoMoEForCausalLM.from_pretrained(path, output_router_logits=aux_coef > 0,
                                                    router_aux_loss_coef=aux_coef, **kwargs)
     else:
-        model = AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_coef), **kwargs)
+        with torch.device(rt.device):  # initialise where it will train (a GPU inits 1B+ parameters in seconds)
+            model = AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_coef), **kwargs)
     if path == str(scratch):
         barrier(rt)
         if rt.is_main:

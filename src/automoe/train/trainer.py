@@ -171,8 +171,9 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
     peak = peak_flops(rt.device, next(model.parameters()).dtype, t.peak_tflops)
     bar = progress_bar(total_steps, start, rt.is_main and t.progress)
     grad_scale = float(rt.dp_size)  # gradients are averaged over data-parallel ranks; the loss is a global mean
-    window_tokens, window_start, loss = 0, time.perf_counter(), float("nan")
+    run_tokens, run_start, loss = 0, time.perf_counter(), float("nan")
     for step in range(start, total_steps):
+        step_start = time.perf_counter()
         rows = plan.step_rows(step)
         n_trained = trained_tokens(rows)
         local_sum = 0.0
@@ -188,18 +189,19 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         optimizer.zero_grad(set_to_none=True)
         (loss_total,) = all_sum([local_sum], rt)
         loss = loss_total / max(n_trained, 1)
-        window_tokens += real_tokens(rows)
+        now, tokens = time.perf_counter(), real_tokens(rows)  # loss.item() above waited for the device
+        run_tokens += tokens
         done = step + 1
-        elapsed = time.perf_counter() - window_start
-        tps = window_tokens / elapsed if elapsed > 0 else 0.0
+        tps = tokens / (now - step_start)  # this step, all ranks
         record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                  "epoch": plan.epoch_of(done), "peak_mem_gib": peak_memory_gib(rt.device)}
+                  "step_s": now - step_start, "epoch": plan.epoch_of(done), "peak_mem_gib": peak_memory_gib(rt.device)}
         if peak:
             record["mfu"] = tps * fpt / (peak * rt.world_size)
         if done % t.log_every == 0 or done == total_steps:
+            avg = run_tokens / (now - run_start)  # since this process started training
             bar.set_postfix_str(
-                f"loss {loss:.4f} | {tps:,.0f} tok/s"
-                + (f" | MFU {record['mfu']:.1%}" if peak else "")
+                f"loss {loss:.4f} | {avg:,.0f} tok/s"
+                + (f" | MFU {avg * fpt / (peak * rt.world_size):.1%}" if peak else "")
                 + f" | mem {record['peak_mem_gib']:.2f} GiB",
                 refresh=False,
             )
