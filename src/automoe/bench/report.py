@@ -128,7 +128,7 @@ def _plot(result: dict, path: Path) -> Path:
     right.set_xscale("log", base=2)
     right.set_xlabel("sequence length (batch 1)")
     right.set_ylabel("step TPS")
-    right.set_title("sequence sweep (last point: longest that trains)")
+    right.set_title("sequence sweep, batch 1 (to --max-seq or the first OOM)")
     if right.lines:
         right.legend(fontsize=8)
     fig.tight_layout()
