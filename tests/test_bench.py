@@ -66,3 +66,19 @@ def test_bad_arguments_are_named():
         cli.parse(["--columns", "automoe,deepspeed"])
     with pytest.raises(ValueError, match="unknown workload"):
         make_config("llama")
+
+
+def test_bench_under_torchrun_two_gloo_ranks(tmp_path):
+    """Under torchrun every rank runs the columns in-process with FSDP2; rank 0 writes one JSON."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "automoe.bench",
+           "--workload", "tiny", "--layers", "1", "--seq", "32", "--steps", "1", "--warmup", "1", "--device", "cpu",
+           "--columns", "automoe,v5", "--out", str(tmp_path), "--no-plot"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "bench-tiny-seq32.json").read_text())
+    assert result["world_size"] == 2
+    assert [c["column"] for c in result["columns"]] == ["automoe", "v5"]
+    assert all(c["runs"][0]["step_tps"] > 0 for c in result["columns"])
