@@ -57,14 +57,30 @@ class LocalShardExperts:
     `fused` runs a block's fused dispatch+experts+combine function instead (automoe.kernels), still through
     this module's call, so FSDP2's unshard/reshard hooks on the experts fire around it."""
 
+    grad_scale: float | None = None  # set when no FSDP reduces these gradients (see parallelize_model)
+
     def forward(self, *args: torch.Tensor, fused: Callable | None = None) -> torch.Tensor:
         sharded = {n: p for n in EXPERT_TENSORS if isinstance(p := self._parameters.get(n), DTensor)}
         try:
             for name, param in sharded.items():
-                self._parameters[name] = param.to_local()
+                local = param.to_local()
+                self._parameters[name] = local if self.grad_scale is None else _ScaleGrad.apply(local, self.grad_scale)
             return fused(*args, self) if fused is not None else super().forward(*args)
         finally:
             self._parameters.update(sharded)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 def _fused_through_experts(fused: Callable, x, topk_ids, topk_weights, experts: nn.Module) -> torch.Tensor:
@@ -125,6 +141,7 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
         setup.check_num_experts(block.spec.experts.num_experts)
     layers = decoder_layers(model)
     mp = MixedPrecisionPolicy(param_dtype=setup.param_dtype, reduce_dtype=setup.reduce_dtype)
+    ignored: set[nn.Parameter] = set()
     for block in blocks:
         experts = getattr(block, block.spec.experts_attr)
         shard_experts(experts, setup)
@@ -133,11 +150,17 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
         fused = getattr(block, "fused_routed", None)
         if fused is not None:
             block.fused_routed = partial(_fused_through_experts, fused)
+        # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
+        # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
+        if setup.expert_dp_mesh.size() == 1 and setup.param_dtype is None and setup.reduce_dtype is None:
+            # No other rank holds these experts: FSDP2 would only copy them (unshard, reduce) every step. They stay
+            # EP DTensors outside FSDP, and their gradient is scaled here instead.
+            experts.grad_scale = 1.0 / setup.world_size if setup.world_size > 1 else None
+            ignored.update(experts.parameters())
+            continue
         fully_shard(experts, mesh=setup.expert_dp_mesh, reshard_after_forward=setup.reshard_after_forward,
                     mp_policy=mp)
         if setup.ep_size > 1:
-            # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
-            # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
             experts.set_gradient_divide_factor(float(setup.world_size))
             if setup.device.type == "cpu" and setup.ep_shard_size > 1:
                 # gloo has no PREMUL_SUM: reduce with SUM, then divide (FSDP2 skips the collective, and divides
@@ -149,6 +172,7 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
             layer.gradient_checkpointing = True
             layer._gradient_checkpointing_func = function
     for layer in layers:
-        fully_shard(layer, mesh=setup.dp_mesh, reshard_after_forward=setup.reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=setup.dp_mesh, reshard_after_forward=False, mp_policy=mp)
+        fully_shard(layer, mesh=setup.dp_mesh, reshard_after_forward=setup.reshard_after_forward, mp_policy=mp,
+                    ignored_params=ignored)
+    fully_shard(model, mesh=setup.dp_mesh, reshard_after_forward=False, mp_policy=mp, ignored_params=ignored)
     return model
