@@ -174,6 +174,16 @@ def test_packed_sequences_with_document_masking_match_hf_sdpa():
     assert rel(packed[:, 10:], alone) < 1e-5, "the second document must not see the first"
 
 
+@pytest.mark.parametrize("device", ["meta", "cpu"])
+def test_building_under_a_device_context_patches_everything(device):
+    with torch.device(device):
+        model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"fused_loss": True})
+    assert model.config._attn_implementation == "automoe_sdpa"
+    assert type(model.model.norm) is not type(model.model.norm).__mro__[1], "RMSNorm patched"
+    assert all(b.fused_routed is not None for b in model.modules() if hasattr(b, "fused_routed"))
+    assert "forward" in vars(model), "fused loss forward on this instance"
+
+
 def test_kernels_off_leaves_norms_and_attention_plain():
     model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"kernels": "off"})
     assert model.config._attn_implementation == "sdpa"

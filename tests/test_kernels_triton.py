@@ -138,6 +138,34 @@ def test_attention_uses_cudnn_and_matches_math():
     assert rel(q.grad, qf.grad) < 2 * TOL and rel(k.grad, kf.grad) < 2 * TOL
 
 
+@pytest.mark.skipif(not GPU, reason="the side stream exists only on the GPU")
+def test_adamw_in_backward_on_a_side_stream_matches_torch_fused():
+    import sys
+
+    sys.path.insert(0, "tests")
+    from tiny_configs import make_config
+
+    from automoe import AutoMoEForCausalLM
+
+    torch.manual_seed(0)
+    ours = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), dtype=torch.bfloat16).cuda()
+    ref = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), dtype=torch.bfloat16).cuda()
+    ref.load_state_dict(ours.state_dict())
+    kw = dict(lr=1e-3, weight_decay=0.01)
+    opt = AdamW(ours.parameters(), kernels="triton", in_backward=True, **kw)
+    ref_opt = torch.optim.AdamW(ref.parameters(), fused=True, **kw)
+    for _ in range(3):
+        ids = torch.randint(0, 128, (2, 64), device="cuda")
+        ours(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        ref(input_ids=ids, labels=ids).loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    ref_params = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        assert rel(param, ref_params[name]) < 1e-2, name
+
+
 @pytest.mark.skipif(not GPU, reason="host syncs exist only on the GPU")
 def test_moe_layer_step_has_no_host_sync():
     import sys
