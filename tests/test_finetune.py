@@ -3,6 +3,7 @@ runs; a run killed during a checkpoint write resumes to the same losses; 2 gloo 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -46,7 +47,8 @@ def test_embedded_default_learns_and_exports_a_plain_hf_checkpoint(tmp_path):
     assert summary["exact_match_after"] >= 0.9
     curve = losses(tmp_path / "run")
     assert curve[recipe.train.max_steps] < 0.05 * curve[1]
-    assert Path(summary["plot"]).stat().st_size > 0
+    if importlib.util.find_spec("matplotlib"):
+        assert Path(summary["plot"]).stat().st_size > 0
 
     # plain transformers, no automoe: load, generate greedily, get the reversed words
     final = Path(summary["export_dir"])
