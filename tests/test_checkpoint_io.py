@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from tiny_configs import make_config
 from transformers import AutoModelForCausalLM
 
+from automoe.checkpoint.load import load_sharded_checkpoint
 from automoe.checkpoint.mapping import plan_sources
 from automoe.checkpoint.safetensors_io import SafetensorsFile
 
@@ -73,3 +74,22 @@ def test_plan_reports_unexpected_keys(tmp_path):
     plan, unexpected = plan_sources(model, keys, set(model.state_dict()))
     assert unexpected == ["model.layers.9.mtp.weight"]
     assert plan["model.layers.0.mlp.experts.gate_up_proj"][0].expert == 0
+
+
+def test_loader_on_whole_tensors_equals_transformers(tmp_path):
+    """The sharded loader given unsharded tensors (every rank owning everything) loads what transformers does;
+    a checkpoint missing a tensor is an error that names it."""
+    source = AutoModelForCausalLM.from_config(make_config("qwen3_moe"))
+    source.save_pretrained(tmp_path / "full")
+    expected = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    target = AutoModelForCausalLM.from_config(make_config("qwen3_moe"))
+    reader = load_sharded_checkpoint(target, str(tmp_path / "full"), rows_of=None)
+    for name, tensor in target.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    tensors = load_file(tmp_path / "full" / "model.safetensors")
+    assert reader.bytes_read == sum(t.numel() * t.element_size() for t in tensors.values())
+    tensors.pop("model.layers.1.mlp.experts.5.up_proj.weight")
+    (tmp_path / "broken").mkdir()
+    save_file(tensors, tmp_path / "broken" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"no tensors for experts \[5\] of model.layers.1.mlp.experts.gate_up_proj"):
+        load_sharded_checkpoint(target, str(tmp_path / "broken"), rows_of=None)

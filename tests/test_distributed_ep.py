@@ -209,6 +209,8 @@ def _bad_setups(paths: dict) -> None:
     setup = create_distributed_setup_from_config({"ep_size": world})
     with pytest.raises(ValueError, match="does not divide the model's 7 experts"):
         AutoMoEForCausalLM.from_config(make_config("qwen3_moe", num_experts=7), distributed_setup=setup)
+    with pytest.raises(ValueError, match="needs automoe's MoE blocks"):
+        AutoMoEForCausalLM.from_pretrained(paths["qwen3_moe"], distributed_setup=setup, automoe_options=False)
     with pytest.raises(ValueError, match="device_map"):
         AutoMoEForCausalLM.from_pretrained(paths["qwen3_moe"], distributed_setup=setup, device_map="cpu")
     model = AutoMoEForCausalLM.from_pretrained(paths["qwen3_moe"], distributed_setup=setup, dtype=torch.float32)

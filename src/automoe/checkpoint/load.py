@@ -23,29 +23,40 @@ def local_rows(tensor: torch.Tensor, rows_of) -> tuple[torch.Tensor, tuple[int, 
     return tensor, (0, tensor.shape[0] if tensor.dim() else 1)
 
 
-def _fill(local: torch.Tensor, rows: tuple[int, int], shape: tuple[int, ...], sources: list[Source],
-          reader: SafetensorsFile) -> None:
+def _fill(local: torch.Tensor, rows: tuple[int, int], sources: list[Source], reader: SafetensorsFile) -> None:
     start, end = rows
-    if len(sources) == 1 and sources[0].expert is None:
-        entry = reader.entries[sources[0].key]
-        if tuple(entry.shape) != shape:
-            raise ValueError(f"checkpoint tensor {sources[0].key} has shape {entry.shape}; the model expects "
-                             f"{shape} for {sources[0].target}")
+    if sources[0].expert is None:
         local.copy_(reader.read(sources[0].key, rows if local.dim() else None).view(local.shape))
         return
     owned = [s for s in sources if s.expert is not None and start <= s.expert < end]
     for source in owned:
         rows_per_part = local.shape[1] // source.parts
         piece = local[source.expert - start, source.part * rows_per_part : (source.part + 1) * rows_per_part]
-        tensor = reader.read(source.key)
-        if tuple(tensor.shape) != tuple(piece.shape):
-            raise ValueError(f"checkpoint tensor {source.key} has shape {tuple(tensor.shape)}; the model expects "
-                             f"{tuple(piece.shape)} (a slice of {source.target})")
-        piece.copy_(tensor)
-    experts_seen = {s.expert for s in sources}
-    missing = [e for e in range(start, end) if e not in experts_seen]
-    if missing:
-        raise ValueError(f"the checkpoint has no tensors for experts {missing} of {sources[0].target}")
+        piece.copy_(reader.read(source.key))
+
+
+def _validate(plan: dict[str, list[Source]], targets: dict[str, torch.Tensor], reader: SafetensorsFile,
+              directory: str) -> None:
+    """Checks that every rank makes alike, before any rank reads (a rank-local error would hang the others)."""
+    for name, tensor in targets.items():
+        sources = plan[name]
+        if len(sources) == 1 and sources[0].expert is None:
+            entry_shape = tuple(reader.entries[sources[0].key].shape)
+            if entry_shape != tuple(tensor.shape):
+                raise ValueError(f"checkpoint tensor {sources[0].key} has shape {entry_shape}; the model expects "
+                                 f"{tuple(tensor.shape)} for {name}")
+            continue
+        if any(s.expert is None for s in sources):
+            raise ValueError(f"{directory} holds {name} both fused and per expert: {[s.key for s in sources][:4]}")
+        seen = {(s.expert, s.part) for s in sources}
+        lacking = [e for e in range(tensor.shape[0]) if any((e, p) not in seen for p in range(sources[0].parts))]
+        if lacking:
+            raise ValueError(f"{directory} has no tensors for experts {lacking} of {name}")
+        piece = (tensor.shape[1] // sources[0].parts, *tensor.shape[2:])
+        for source in sources:
+            if tuple(reader.entries[source.key].shape) != piece:
+                raise ValueError(f"checkpoint tensor {source.key} has shape {reader.entries[source.key].shape}; "
+                                 f"the model expects {piece} (a slice of {name} {tuple(tensor.shape)})")
 
 
 @torch.no_grad()
@@ -66,7 +77,8 @@ def load_sharded_checkpoint(model: nn.Module, directory: str, rows_of) -> Safete
     if unexpected:
         warnings.warn(f"{directory}: {len(unexpected)} checkpoint tensor(s) unused by the model, e.g. "
                       f"{unexpected[:5]}", stacklevel=3)
+    _validate(plan, targets, reader, directory)
     for name, tensor in targets.items():
         local, rows = local_rows(tensor, rows_of)
-        _fill(local, rows, tuple(tensor.shape), plan[name], reader)
+        _fill(local, rows, plan[name], reader)
     return reader

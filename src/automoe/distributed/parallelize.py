@@ -137,6 +137,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
     """EP + activation checkpointing + FSDP2, in place. Works on meta-device models (then call to_empty)."""
     blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    if setup.ep_size > 1 and not blocks:
+        raise ValueError(
+            f"ep_size={setup.ep_size} needs automoe's MoE blocks, and this {type(model).__name__} has none "
+            "(automoe_options={'enabled': False}, or a family automoe does not recognise); use ep_size 1."
+        )
     for block in blocks:
         setup.check_num_experts(block.spec.experts.num_experts)
     layers = decoder_layers(model)
