@@ -1,8 +1,9 @@
 """Apply expert parallelism, activation checkpointing and FSDP2 to a built model (model code stays single-device).
 
 Order: experts become DTensors Shard(0) over `ep` (and their block gets the all-to-all dispatcher), decoder
-layers get checkpointing, then fully_shard on each experts module (over the ranks sharing an expert shard),
-on each decoder layer (the whole data-parallel world) and on the root.
+layers get checkpointing, then fully_shard on each experts module (over the ranks sharing an expert shard;
+skipped when no other rank shares it, where FSDP2 would only copy), on each decoder layer (the whole
+data-parallel world) and on the root.
 """
 
 from __future__ import annotations
