@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from automoe.train.config import load_recipe
+from automoe.train.config import load_recipe, parse_overrides
 from automoe.train.runtime import Runtime
 from automoe.train.state import complete_checkpoints, load_checkpoint
 from automoe.train.trainer import run
@@ -38,6 +38,18 @@ def finetune(args: list[str], env: dict | None = None, wait: bool = True) -> sub
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out
     return proc
+
+
+def run_group(cmd: list[str], timeout: float = 300) -> tuple[int, str]:
+    """Run a launcher in its own process group; on a timeout the whole group (its workers too) is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s:\n{out}") from None
+    return proc.returncode, out
 
 
 def test_embedded_default_learns_and_exports_a_plain_hf_checkpoint(tmp_path):
@@ -65,6 +77,24 @@ def test_embedded_default_learns_and_exports_a_plain_hf_checkpoint(tmp_path):
         hits += tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == word[::-1]
     assert hits >= 3
 
+    # the export is also a local checkpoint a recipe can start from (model.path, its own tokenizer)
+    again = run(load_recipe(overrides=[("model.path", str(final)), ("model.config", None), ("model.tokenizer", "model"),
+                                       ("train.max_steps", 3), ("eval.num_samples", 20), ("train.progress", False),
+                                       ("output.dir", str(tmp_path / "again")), ("output.export", False)]))
+    assert again["exact_match_before"] >= 0.9
+    assert losses(tmp_path / "again")[1] < 0.1
+
+
+def test_grad_accumulation_follows_the_same_curve(tmp_path):
+    curves = []
+    for accum in (1, 4):
+        args = QUICK + ["--train.batch_size", "8", "--train.grad_accum", str(accum), "--train.max_steps", "4",
+                        "--output.dir", str(tmp_path / str(accum))]
+        run(load_recipe(overrides=parse_overrides(args)))
+        curves.append(losses(tmp_path / str(accum)))
+    for step in curves[0]:
+        assert abs(curves[0][step] - curves[1][step]) <= 1e-5, step
+
 
 def test_kill_during_checkpoint_write_then_resume_gives_the_same_losses(tmp_path):
     steps, every = 8, 2
@@ -77,13 +107,15 @@ def test_kill_during_checkpoint_write_then_resume_gives_the_same_losses(tmp_path
     proc = finetune(base + ["--output.dir", str(out)], env={"AUTOMOE_TEST_SAVE_DELAY": "6:60"}, wait=False)
     partial = root / ".step_00000006.tmp"
     deadline = time.time() + 240
-    while not (partial / ".metadata").exists():  # tensors of step 6 written, checkpoint not yet committed
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.time() < deadline, "the step-6 checkpoint write never started"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
+    try:
+        while not (partial / ".metadata").exists():  # tensors of step 6 written, checkpoint not yet committed
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "the step-6 checkpoint write never started"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
 
     # the interrupted write left only a hidden temporary; every committed checkpoint loads
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000002", "step_00000004"]
@@ -125,8 +157,8 @@ def test_two_gloo_ranks_with_ep2_follow_the_one_process_curve(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "automoe.cli", "finetune", *common, "--output.dir", str(tmp_path / "two"),
            "--distributed", "{ep_size: 2}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
+    rc, log = run_group(cmd)
+    assert rc == 0, log
     first = losses(tmp_path / "two")
 
     records = {name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
@@ -147,9 +179,9 @@ def test_two_gloo_ranks_with_ep2_follow_the_one_process_curve(tmp_path):
     assert len(list((tmp_path / "two" / "checkpoints" / "step_00000006").glob("rank*.pt"))) == 2
 
     # resuming the sharded run from its step-6 checkpoint (DCP, each rank its shards) retraces steps 7-12
-    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "resumed from" in done.stdout
+    rc, log = run_group(cmd + ["--resume"])
+    assert rc == 0, log
+    assert "resumed from" in log
     again = losses(tmp_path / "two")
     assert sorted(again) == list(range(1, steps + 1))
     for step in range(7, steps + 1):

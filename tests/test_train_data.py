@@ -134,3 +134,20 @@ def test_unsupported_file_type(tmp_path):
     (tmp_path / "d.txt").write_text("hello")
     with pytest.raises(RecipeError, match="unsupported data file type '.txt'"):
         load_samples(str(tmp_path / "d.txt"), "data.train", Encoder(TOK, DataConfig()), "skip")
+
+
+def test_batch_plan_is_a_function_of_the_step_and_splits_over_ranks():
+    from automoe.train.data import BatchPlan, micro_batches
+
+    rows = [[i] for i in range(10)]
+    plan = BatchPlan(rows, rows_per_step=4, seed=3, shuffle=True)
+    assert plan.steps_per_epoch == 2 and plan.total_steps(0, 3) == 6
+    first = [plan.step_rows(s) for s in range(6)]
+    assert [BatchPlan(rows, 4, 3, True).step_rows(s) for s in (5, 0, 3)] == [first[5], first[0], first[3]]
+    assert first[0] + first[1] != first[2] + first[3]  # reshuffled every epoch
+    assert len({r[0] for r in first[0] + first[1]}) == 8  # no row twice within an epoch
+    # 2 ranks x 2 micro-steps of 1 row read the global batch exactly once
+    parts = [m for a in range(2) for m in micro_batches(first[0], 1, 2, a, 2)]
+    assert sorted(r[0] for p in parts for r in p) == sorted(r[0] for r in first[0])
+    with pytest.raises(RecipeError, match="train.batch_size"):
+        BatchPlan(rows, rows_per_step=11, seed=0, shuffle=False)

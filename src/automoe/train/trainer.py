@@ -233,7 +233,7 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         png = plot_losses(sink.records(), out_dir / "loss.png")
         if png is not None:
             summary["plot"] = str(png)
-            say(f"loss curve: {png}")
+        say(f"loss curve: {png}" if png else "loss curve: no PNG without matplotlib (pip install matplotlib)")
     say(f"metrics: {sink.path}")
     sink.close()
     barrier(rt)
