@@ -102,6 +102,26 @@ def validation_loss(model, rows, recipe: Recipe, rt: Runtime, pad_id: int, micro
     return total / max(count, 1.0)
 
 
+def optimizer_step(model, optimizer, rows: list, micro: int, recipe: Recipe, rt: Runtime, pad_id: int):
+    """One optimizer step on the global batch `rows`: (mean loss per trained token, gradient norm).
+
+    Each micro-batch's loss is its summed cross-entropy over the step's trained-token count (all ranks, all
+    micro-batches); FSDP2 averages gradients over the data-parallel ranks, hence the dp_size factor."""
+    t = recipe.train
+    n_trained = max(trained_tokens(rows), 1)
+    local_sum = 0.0
+    for micro_rows in micro_batches(rows, micro, t.grad_accum, rt.dp_rank, rt.dp_size):
+        batch = to_device(collate(micro_rows, recipe.data.max_seq_len, pad_id), rt.device)
+        loss, ce_sum = model_loss(model, batch, n_trained / rt.dp_size)
+        loss.backward()
+        local_sum += ce_sum
+    grad_norm = clip_grad_norm(model, t.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    (loss_total,) = all_sum([local_sum], rt)
+    return loss_total / n_trained, grad_norm
+
+
 def prepare_data(recipe: Recipe, tokenizer: Any, log: Callable[[str], None]):
     """Everything about the data that can fail, before any model is built."""
     encoder = Encoder(tokenizer, recipe.data)
@@ -168,27 +188,16 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         sink.log({"step": 0, "exact_match": acc})
 
     fpt = flops_per_token(model, recipe.data.max_seq_len)
-    peak = peak_flops(rt.device, next(model.parameters()).dtype, t.peak_tflops)
+    compute_dtype = getattr(rt.setup, "param_dtype", None) or next(model.parameters()).dtype  # FSDP2 casts to it
+    peak = peak_flops(rt.device, compute_dtype, t.peak_tflops)
     bar = progress_bar(total_steps, start, rt.is_main and t.progress)
-    grad_scale = float(rt.dp_size)  # gradients are averaged over data-parallel ranks; the loss is a global mean
     run_tokens, run_start, loss = 0, time.perf_counter(), float("nan")
     for step in range(start, total_steps):
         step_start = time.perf_counter()
         rows = plan.step_rows(step)
-        n_trained = trained_tokens(rows)
-        local_sum = 0.0
-        for micro_rows in micro_batches(rows, micro, t.grad_accum, rt.dp_rank, rt.dp_size):
-            batch = to_device(collate(micro_rows, recipe.data.max_seq_len, tokenizer.pad_token_id), rt.device)
-            loss_t, ce_sum = model_loss(model, batch, max(n_trained, 1) / grad_scale)
-            loss_t.backward()
-            local_sum += ce_sum
-        grad_norm = clip_grad_norm(model, t.grad_clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        loss, grad_norm = optimizer_step(model, optimizer, rows, micro, recipe, rt, tokenizer.pad_token_id)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        (loss_total,) = all_sum([local_sum], rt)
-        loss = loss_total / max(n_trained, 1)
         now, tokens = time.perf_counter(), real_tokens(rows)  # loss.item() above waited for the device
         run_tokens += tokens
         done = step + 1
