@@ -31,6 +31,7 @@ def test_unknown_key_is_named():
         ({"ep_size": 0}, "ep_size must be a positive integer"),
         ({"dp_replicate_size": 1.5}, "dp_replicate_size must be a positive integer"),
         ({"param_dtype": "float33"}, "param_dtype='float33' is not a dtype"),
+        ({"reshard_after_forward": "no"}, "reshard_after_forward must be true or false, not 'no'"),
     ],
 )
 def test_bad_values(config, message):

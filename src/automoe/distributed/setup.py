@@ -116,6 +116,10 @@ def create_distributed_setup_from_config(config: dict[str, Any]) -> DistributedS
             raise ValueError(f"distributed setup: {key} must be a positive integer, not {value!r}.")
     for key in ("param_dtype", "reduce_dtype"):
         opts[key] = _dtype(key, opts.get(key))
+    if not isinstance(opts.get("reshard_after_forward", True), bool):
+        raise ValueError(
+            f"distributed setup: reshard_after_forward must be true or false, not {opts['reshard_after_forward']!r}."
+        )
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "distributed setup: no process group. Launch with torchrun and call "
