@@ -140,11 +140,14 @@ def test_kill_during_checkpoint_write_then_resume_gives_the_same_losses(tmp_path
     assert [p.name for p in complete_checkpoints(root)] == ["step_00000004", "step_00000006"]
 
 
-def test_resume_without_a_checkpoint_is_an_error(tmp_path, capsys):
+def test_resume_without_a_checkpoint_and_a_fresh_run_over_checkpoints_are_errors(tmp_path, capsys):
     from automoe.train.cli import main
 
     assert main(QUICK + ["--output.dir", str(tmp_path), "--resume"]) == 2
     assert "--resume: no complete checkpoint" in capsys.readouterr().err
+    (tmp_path / "checkpoints" / "step_00000002").mkdir(parents=True)
+    assert main(QUICK + ["--output.dir", str(tmp_path), "--output.overwrite", "false"]) == 2
+    assert "holds checkpoints of an earlier run; pass --resume" in capsys.readouterr().err
 
 
 def test_two_gloo_ranks_with_ep2_follow_the_one_process_curve(tmp_path):

@@ -109,6 +109,7 @@ class OutputConfig:
     tensorboard: bool = True  # used when the tensorboard package is installed
     plot: bool = True  # loss curve PNG, when matplotlib is installed
     export: bool = True  # standard HF checkpoint + tokenizer in DIR/final
+    overwrite: bool = True  # a fresh run (no --resume) replaces an earlier run's checkpoints; false: that is an error
 
 
 @dataclass

@@ -154,6 +154,9 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
     plan = BatchPlan(train_rows, t.batch_size, recipe.seed, recipe.data.shuffle)
     total_steps = plan.total_steps(t.max_steps, t.epochs)
     resume_from = None
+    if not resume and not recipe.output.overwrite and complete_checkpoints(ckpt_root):
+        raise RecipeError(f"output.dir: {out_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
+                          "or choose another output.dir (output.overwrite: true replaces them)")
     if resume:
         clean_partial(ckpt_root, rt)
         found = complete_checkpoints(ckpt_root)
@@ -172,6 +175,7 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         start = extra["step"]
         say(f"resumed from {resume_from} (step {start} of {total_steps})")
     elif rt.is_main and ckpt_root.exists():
+        say(f"removing the checkpoints of an earlier run in {ckpt_root} (output.overwrite is true)")
         shutil.rmtree(ckpt_root)
     barrier(rt)
 
