@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..moe.dispatch import Dispatched, sort_by_expert
+from ..moe.dispatch import Dispatched, sort_by_expert, unsort_weighted_sum
 
 _PAD_ROWS = 16  # received rows are padded up to a multiple of this, with at least one pad row (see dispatch)
 
@@ -80,6 +80,4 @@ class AllToAllDispatcher:
         out = expert_out[: regroup.shape[0]]  # drop the padding rows
         rank_major = torch.empty_like(out).index_copy(0, regroup, out)
         back = _AllToAll.apply(rank_major, send_splits, recv_splits, self.group)
-        weighted = back * weights.unsqueeze(-1)  # fp32 router weights keep the sum in fp32, as LocalDispatcher
-        unsorted = torch.empty_like(weighted).index_copy(0, order, weighted)
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1)
+        return unsort_weighted_sum(back, order, weights, num_tokens, top_k)

@@ -31,6 +31,17 @@ def sort_by_expert(
     return order, counts, sorted_ids
 
 
+def unsort_weighted_sum(
+    rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, num_tokens: int, top_k: int
+) -> torch.Tensor:
+    """[T*k, H] rows in `order` -> [T, H]: each token's k rows times their router weights, summed.
+
+    fp32 router weights (Mixtral, DeepSeek) keep the weighted sum in fp32, as HF computes it."""
+    weighted = rows * weights.unsqueeze(-1)
+    unsorted = torch.empty_like(weighted).index_copy(0, order, weighted)
+    return unsorted.view(num_tokens, top_k, -1).sum(dim=1)
+
+
 class LocalDispatcher:
     """All experts live on this device: a stable sort by expert id, then the inverse permutation."""
 
@@ -46,7 +57,4 @@ class LocalDispatcher:
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         order, weights, num_tokens, top_k = dispatched.state
-        # fp32 router weights (Mixtral, DeepSeek) keep the weighted sum in fp32, as HF computes it
-        weighted = expert_out * weights.unsqueeze(-1)
-        unsorted = torch.empty_like(weighted).index_copy(0, order, weighted)
-        return unsorted.view(num_tokens, top_k, -1).sum(dim=1)
+        return unsort_weighted_sum(expert_out, order, weights, num_tokens, top_k)
