@@ -15,23 +15,20 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..moe.dispatch import sort_by_expert
+from ..moe.experts import grouped_mm as _grouped_mm
+from ..moe.experts import weight_in_out as _in_out
 from ..moe.spec import ExpertsSpec
 from .swiglu import weighted_activation, weighted_activation_backward
-
-_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 RECOMPUTE_ABOVE_TOKENS = 16384
 
 
 def route_order(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(order, offsets): the stable sort of the T*k token copies by expert, and int32 group ends for grouped_mm."""
-    flat = topk_ids.reshape(-1)
-    order = torch.sort(flat, stable=True)[1]
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    counts.scatter_add_(0, flat.to(torch.int64), torch.ones_like(flat, dtype=torch.int32))
+    order, counts, _ = sort_by_expert(topk_ids.reshape(-1), num_experts)
     return order, torch.cumsum(counts, dim=0, dtype=torch.int32)
 
 
@@ -84,11 +81,6 @@ class RoutedExperts(torch.autograd.Function):
         grad_weights = torch.empty_like(d_weights).scatter_(0, order, d_weights)
         grad_weights = grad_weights.view(num_tokens, top_k).to(ctx.weights_dtype)
         return grad_x, None, grad_weights, grad_gate_up, grad_down, None, None, None
-
-
-def _in_out(weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
-    """HF stores [E, out, in] (GPT-OSS: [E, in, out]); grouped_mm multiplies by [E, in, out]."""
-    return weight if spec.transposed else weight.transpose(1, 2)
 
 
 def _param_grad(inputs: torch.Tensor, grads: torch.Tensor, offsets: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:

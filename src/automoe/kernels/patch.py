@@ -10,14 +10,13 @@ from .attention import patch_attention
 from .causal_lm import patch_causal_lm
 from .moe import fusable, local_routed_fn
 from .rmsnorm import patch_rms_norms
-from .select import check_mode
 
 
 def apply_kernels(model: nn.Module, options: AutoMoEOptions) -> dict[str, int]:
     """Fused routed experts in every grouped_mm MoEBlock that can take them, fused RMSNorm, cuDNN-first
     attention and, with `options.fused_loss`, the chunked linear + cross-entropy loss. Returns what was
     patched, by kind."""
-    mode = check_mode(options.kernels)
+    mode = options.kernels
     if mode == "off":
         return {}
     done = {"moe_blocks": 0}

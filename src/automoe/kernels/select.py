@@ -7,8 +7,6 @@ import os
 
 import torch
 
-from ..options import KERNEL_MODES
-
 
 @functools.cache
 def triton_available() -> bool:
@@ -40,8 +38,3 @@ def use_triton(mode: str, tensor: torch.Tensor) -> bool:
         )
     return runnable
 
-
-def check_mode(mode: str) -> str:
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"automoe: unknown kernels mode {mode!r}; choose one of {', '.join(KERNEL_MODES)}.")
-    return mode

@@ -12,7 +12,12 @@ from torch import nn
 
 from .spec import ExpertsSpec
 
-_grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+
+
+def weight_in_out(weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
+    """HF stores [E, out, in] (GPT-OSS: [E, in, out]); grouped_mm multiplies by [E, in, out]."""
+    return weight if spec.transposed else weight.transpose(1, 2)
 
 
 def gated_activation(gate_up: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module) -> torch.Tensor:
@@ -42,28 +47,22 @@ class Experts(nn.Module):
     def num_local_experts(self) -> int:
         return self.gate_up_proj.shape[0]
 
-    def _weights_in_out(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both projections as [E, in, out], the layout grouped_mm multiplies by."""
-        if self.spec.transposed:
-            return self.gate_up_proj, self.down_proj
-        return self.gate_up_proj.transpose(1, 2), self.down_proj.transpose(1, 2)
-
     def forward(self, tokens: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
         """tokens [S, H] sorted by local expert, counts [E_local] rows per expert, row_expert [S] the
         local expert of each row (used for biases). Rows past sum(counts) are padding: their output is
         undefined on the grouped_mm path, and the dispatcher that added them drops them."""
-        w1, w2 = self._weights_in_out()
+        w1, w2 = weight_in_out(self.gate_up_proj, self.spec), weight_in_out(self.down_proj, self.spec)
         if self.backend == "grouped_mm":
             return self._grouped(tokens, counts, row_expert, w1, w2)
         return self._per_expert(tokens, counts, w1, w2)
 
     def _grouped(self, tokens, counts, row_expert, w1, w2) -> torch.Tensor:
         offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        hidden = _grouped_mm(tokens.to(w1.dtype), w1, offs=offsets)
+        hidden = grouped_mm(tokens.to(w1.dtype), w1, offs=offsets)
         if self.spec.has_bias:
             hidden = hidden + self.gate_up_proj_bias[row_expert]
         hidden = gated_activation(hidden, self.spec, self.act_fn)
-        out = _grouped_mm(hidden, w2, offs=offsets)
+        out = grouped_mm(hidden, w2, offs=offsets)
         if self.spec.has_bias:
             out = out + self.down_proj_bias[row_expert]
         return out
