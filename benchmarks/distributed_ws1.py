@@ -1,4 +1,9 @@
-"""The distributed path at world size 1 (FSDP2, ep_size 1) against the non-distributed drop-in model, same run.
+"""The distributed path at world size 1 (ep_size 1) against the non-distributed drop-in model, same run.
+
+Columns: the drop-in model; the distributed path as users get it (at world size 1 there is nothing to shard or
+reduce, so parallelize_model wraps nothing in FSDP2: meta build, per-rank checkpoint read, NCCL process group);
+and the distributed path with FSDP2 applied anyway, through a mixed-precision policy that casts nothing
+(param_dtype bf16 on bf16 weights), which shows what FSDP2's own copies cost at one rank.
 
 Run:  torchrun --nproc_per_node 1 benchmarks/distributed_ws1.py --out $OUT/distributed_ws1.json
       (add --tiny for a CPU/gloo dry run of the same code on a tiny model)
@@ -31,6 +36,8 @@ L8 = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_
 TINY = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
             num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=48, vocab_size=128,
             tie_word_embeddings=False, num_hidden_layers=2, norm_topk_prob=True, max_position_embeddings=128)
+
+COLUMNS = {"distributed_ep1": {}, "fsdp2_forced_ep1": {"param_dtype": "bfloat16"}}
 
 
 def sync(device: torch.device) -> None:
@@ -72,6 +79,8 @@ def train(model, batches, device, warmup: int) -> dict:
         "bwd_ms": statistics.median(bwd[warmup:]) * 1e3,
         "step_tps": tokens / step_ms * 1e3,
         "all_step_ms": [s * 1e3 for s in steps],
+        "all_fwd_loss_ms": [s * 1e3 for s in fwd],
+        "all_bwd_ms": [s * 1e3 for s in bwd],
     }
     if device.type == "cuda":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -89,8 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--seq", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default=None)
     parser.add_argument("--checkpoint-dir", default=None)
     args = parser.parse_args()
@@ -125,9 +134,8 @@ def main() -> None:
     del model
     free(device)
 
-    for label, reshard in (("fsdp2_ep1", True), ("fsdp2_ep1_no_reshard", False)):
-        setup = create_distributed_setup_from_config({"strategy": "fsdp2", "ep_size": 1,
-                                                      "reshard_after_forward": reshard})
+    for label, extra in COLUMNS.items():
+        setup = create_distributed_setup_from_config({"strategy": "fsdp2", "ep_size": 1, **extra})
         t0 = time.perf_counter()
         model = AutoMoEForCausalLM.from_pretrained(ckpt, distributed_setup=setup, dtype=dtype,
                                                    attn_implementation="sdpa")
@@ -138,13 +146,13 @@ def main() -> None:
         free(device)
 
     ref = results["dropin"]
-    for label in ("fsdp2_ep1", "fsdp2_ep1_no_reshard"):
+    for label in COLUMNS:
         got = results[label]
         results[f"{label}_step_ratio"] = got["step_ms"] / ref["step_ms"]
         pairs = zip(got["losses"], ref["losses"], strict=True)
         results[f"{label}_max_loss_rel_diff"] = max(abs(a - b) / abs(b) for a, b in pairs)
     summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
-    for label in ("dropin", "fsdp2_ep1", "fsdp2_ep1_no_reshard"):
+    for label in ("dropin", *COLUMNS):
         summary[f"{label}_step_ms"] = results[label]["step_ms"]
         summary[f"{label}_peak_gib"] = results[label].get("peak_gib")
         summary[f"{label}_losses"] = [round(x, 5) for x in results[label]["losses"]]

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_configs import make_config
-from torch.distributed.tensor import Shard
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
 from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM, create_distributed_setup_from_config
@@ -82,16 +83,27 @@ def _check_expert_meshes(model, ep: int) -> int:
     return count
 
 
-def _parity(paths: dict, family: str = "qwen3_moe", ep: int = 1, ac: str = "off", replicate: int = 1) -> None:
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _parity(paths: dict, family: str = "qwen3_moe", ep: int = 1, ac: str = "off", replicate: int = 1,
+            param_dtype: str | None = None) -> None:
     """Gradients, loss, one AdamW step and save_pretrained, all against single-process HF."""
     ckpt = paths[family]
     world, rank = dist.get_world_size(), dist.get_rank()
     setup = create_distributed_setup_from_config(
-        {"strategy": "fsdp2", "ep_size": ep, "activation_checkpointing": ac, "dp_replicate_size": replicate}
+        {"strategy": "fsdp2", "ep_size": ep, "activation_checkpointing": ac, "dp_replicate_size": replicate,
+         "param_dtype": param_dtype}
     )
     model = AutoMoEForCausalLM.from_pretrained(ckpt, distributed_setup=setup, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    _check_expert_meshes(model, ep)
+    if world == 1 and param_dtype is None:  # nothing to shard or reduce: no FSDP2, no DTensor, the drop-in model
+        assert not any(isinstance(m, FSDPModule) for m in model.modules())
+        assert not any(isinstance(p, DTensor) for p in model.parameters())
+    else:
+        assert isinstance(model, FSDPModule)
+        _check_expert_meshes(model, ep)
     assert all(layer.gradient_checkpointing == (ac != "off") for layer in model.model.layers)
     ids = _batch(world)
     mine = _my_rows(ids)
@@ -106,13 +118,13 @@ def _parity(paths: dict, family: str = "qwen3_moe", ep: int = 1, ac: str = "off"
     assert abs(mean.item() / world - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     for (name, param), (ref_name, ref_param) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         assert name == ref_name
-        assert _rel(param.grad.full_tensor(), ref_param.grad) <= 1e-4, name
+        assert _rel(_full(param.grad), ref_param.grad) <= 1e-4, name
     total = clip_grad_norm_(model.parameters(), 1e-3)
     ref_total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e-3)
     assert abs(total.item() - ref_total.item()) <= 1e-5 * ref_total.item()
     for m in (model, ref):
         torch.optim.AdamW(m.parameters(), lr=1e-2, eps=1e-3).step()
-    out = os.path.join(paths["tmp"], f"saved-{family}-ep{ep}-{ac}-r{replicate}-w{world}")
+    out = os.path.join(paths["tmp"], f"saved-{family}-ep{ep}-{ac}-r{replicate}-w{world}-{param_dtype}")
     model.save_pretrained(out)
     if rank == 0:
         ref.save_pretrained(out + "-hf")
@@ -257,6 +269,14 @@ def test_two_ranks(paths):
         ("reads", dict(ep=2)),
         ("from_config", dict(ep=2)),
         ("bad_setups", {}),
+    ], paths)
+
+
+def test_one_rank(paths):
+    run_ranks(1, [
+        ("parity", dict(ep=1)),
+        ("parity", dict(ep=1, ac="selective")),
+        ("parity", dict(ep=1, param_dtype="float32")),  # a mixed-precision policy takes FSDP2 even at one rank
     ], paths)
 
 

@@ -1,9 +1,14 @@
 """Apply expert parallelism, activation checkpointing and FSDP2 to a built model (model code stays single-device).
 
 Order: experts become DTensors Shard(0) over `ep` (and their block gets the all-to-all dispatcher), decoder
-layers get checkpointing, then fully_shard on each experts module (over the ranks sharing an expert shard;
-skipped when no other rank shares it, where FSDP2 would only copy), on each decoder layer (the whole
-data-parallel world) and on the root.
+layers get checkpointing, then fully_shard on each experts module (over the ranks sharing an expert shard), on
+each decoder layer (the whole data-parallel world) and on the root.
+
+FSDP2 goes only where it has something to do: a group of weights that no other rank shares has nothing to
+shard or reduce, and FSDP2 would still copy all of it every step (unshard before forward and backward, reduce
+after) and turn the optimizer's tensors into DTensors. So experts whose shard group is one rank stay EP DTensors
+outside FSDP2, and at world size 1 nothing is wrapped at all: the model trains as the single-device drop-in
+does. A mixed-precision policy (param_dtype / reduce_dtype) always takes FSDP2, which is what applies it.
 """
 
 from __future__ import annotations
@@ -146,6 +151,14 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
     for block in blocks:
         setup.check_num_experts(block.spec.experts.num_experts)
     layers = decoder_layers(model)
+    if setup.activation_checkpointing != "off":
+        function = checkpoint_function(setup.activation_checkpointing)
+        for layer in layers:
+            layer.gradient_checkpointing = True
+            layer._gradient_checkpointing_func = function
+    mixed_precision = setup.param_dtype is not None or setup.reduce_dtype is not None
+    if setup.world_size == 1 and not mixed_precision:
+        return model
     mp = MixedPrecisionPolicy(param_dtype=setup.param_dtype, reduce_dtype=setup.reduce_dtype)
     ignored: set[nn.Parameter] = set()
     for block in blocks:
@@ -158,10 +171,9 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
             block.fused_routed = partial(_fused_through_experts, fused)
         # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
         # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
-        if setup.expert_dp_mesh.size() == 1 and setup.param_dtype is None and setup.reduce_dtype is None:
-            # No other rank holds these experts: FSDP2 would only copy them (unshard, reduce) every step. They stay
-            # EP DTensors outside FSDP, and their gradient is scaled here instead.
-            experts.grad_scale = 1.0 / setup.world_size if setup.world_size > 1 else None
+        if setup.expert_dp_mesh.size() == 1 and not mixed_precision:
+            # No other rank holds these experts (see the module docstring): their gradient is scaled here instead.
+            experts.grad_scale = 1.0 / setup.world_size
             ignored.update(experts.parameters())
             continue
         fully_shard(experts, mesh=setup.expert_dp_mesh, reshard_after_forward=setup.reshard_after_forward,
@@ -172,11 +184,6 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
                 # gloo has no PREMUL_SUM: reduce with SUM, then divide (FSDP2 skips the collective, and divides
                 # by the factor itself, when the shard group is a single rank)
                 experts.set_force_sum_reduction_for_comms(True)
-    if setup.activation_checkpointing != "off":
-        function = checkpoint_function(setup.activation_checkpointing)
-        for layer in layers:
-            layer.gradient_checkpointing = True
-            layer._gradient_checkpointing_func = function
     for layer in layers:
         fully_shard(layer, mesh=setup.dp_mesh, reshard_after_forward=setup.reshard_after_forward, mp_policy=mp,
                     ignored_params=ignored)
