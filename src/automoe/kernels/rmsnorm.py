@@ -19,36 +19,45 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, cols, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        col = tl.arange(0, BLOCK)
-        mask = col < cols
+    def _rms_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)[:, None]
+        col = tl.arange(0, BLOCK)[None, :]
+        mask = (row < rows) & (col < cols)
         x = tl.load(x_ptr + row * cols + col, mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / cols + eps)
-        w = tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * cols + col, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(rstd_ptr + row, rstd)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / cols + eps)
+        w = tl.load(w_ptr + col, mask=col < cols, other=0.0).to(tl.float32)
+        tl.store(y_ptr + row * cols + col, (x * rstd[:, None] * w).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + tl.reshape(row, (ROWS,)), rstd, mask=tl.reshape(row < rows, (ROWS,)))
 
     @triton.jit
     def _rms_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, rows, cols, rows_per_program,
-                        BLOCK: tl.constexpr):
+                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
         pid = tl.program_id(0)
-        col = tl.arange(0, BLOCK)
-        mask = col < cols
-        w = tl.load(w_ptr + col, mask=mask, other=0.0).to(tl.float32)
-        dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        col = tl.arange(0, BLOCK)[None, :]
+        w = tl.load(w_ptr + col, mask=col < cols, other=0.0).to(tl.float32)
+        dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         start = pid * rows_per_program
-        for r in range(start, tl.minimum(start + rows_per_program, rows)):
-            row = r  # rows * cols stays far below 2**31 for any norm here
+        end = tl.minimum(start + rows_per_program, rows)
+        for first in range(start, end, ROWS):
+            r = first + tl.arange(0, ROWS)
+            row = r[:, None].to(tl.int64)
+            mask = (row < end) & (col < cols)
             x = tl.load(x_ptr + row * cols + col, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * cols + col, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + row)
+            rstd = tl.load(rstd_ptr + r, mask=r < end, other=0.0)[:, None]
             n = x * rstd
             dw += dy * n
             dn = dy * w
-            dx = rstd * (dn - n * (tl.sum(dn * n, axis=0) / cols))
+            dx = rstd * (dn - n * (tl.sum(dn * n, axis=1)[:, None] / cols))
             tl.store(dx_ptr + row * cols + col, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dw_ptr + pid * cols + col, dw, mask=mask)
+        flat = tl.arange(0, BLOCK)
+        tl.store(dw_ptr + pid * cols + flat, tl.sum(dw, axis=0), mask=flat < cols)
+
+    def _tile(cols: int) -> tuple[int, int]:
+        """(rows per tile, padded cols): q/k norms have 128-wide rows, so one row per program or loop step would
+        leave most of a warp idle; tiles of about 2048 elements keep every kernel bandwidth-bound."""
+        block = triton.next_power_of_2(cols)
+        return max(1, 2048 // block), block
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,7 +77,9 @@ class RMSNormFunction(torch.autograd.Function):
             y = torch.empty_like(x2, dtype=torch.result_type(x2, weight))
             rstd = torch.empty(rows, device=x2.device, dtype=torch.float32)
             if rows:
-                _rms_fwd_kernel[(rows,)](x2, weight, y, rstd, cols, eps, BLOCK=triton.next_power_of_2(cols))
+                tile_rows, block = _tile(cols)
+                _rms_fwd_kernel[(triton.cdiv(rows, tile_rows),)](x2, weight, y, rstd, rows, cols, eps, ROWS=tile_rows,
+                                                                 BLOCK=block)
         else:
             xf = x2.float()
             rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
@@ -88,8 +99,9 @@ class RMSNormFunction(torch.autograd.Function):
             per = triton.cdiv(rows, programs)
             dx = torch.empty_like(x2)
             dw_part = torch.empty(programs, cols, device=x2.device, dtype=torch.float32)
-            _rms_bwd_kernel[(programs,)](dy, x2, weight, rstd, dx, dw_part, rows, cols, per,
-                                         BLOCK=triton.next_power_of_2(cols))
+            tile_rows, block = _tile(cols)
+            _rms_bwd_kernel[(programs,)](dy, x2, weight, rstd, dx, dw_part, rows, cols, per, ROWS=tile_rows,
+                                         BLOCK=block)
             dw = dw_part.sum(0)
         else:
             n = x2.float() * rstd[:, None]
