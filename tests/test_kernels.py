@@ -10,11 +10,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM
-from automoe.kernels import AdamW, cross_entropy, moe, rmsnorm, swiglu
+from automoe.kernels import AdamW, apply_kernels, cross_entropy, moe, rmsnorm, swiglu
+from automoe.kernels.router import fused_route
 from automoe.kernels.select import use_triton
 from automoe.moe.dispatch import LocalDispatcher
 from automoe.moe.experts import Experts
-from automoe.moe.spec import ExpertsSpec
+from automoe.moe.router import Router
+from automoe.moe.spec import ExpertsSpec, RouterSpec
 from automoe.options import AutoMoEOptions
 
 
@@ -144,9 +146,14 @@ def test_fused_loss_model_matches_hf_loss_aux_loss_and_grads(family):
     ref = AutoModelForCausalLM.from_config(make_config(family), experts_implementation="eager")
     ours = AutoMoEForCausalLM.from_config(make_config(family), automoe_options={"fused_loss": True})
     ours.load_state_dict(ref.state_dict())
+    out = assert_trains_like_hf(ours, ref)
+    assert out.logits is None, "training with labels: no [tokens, vocab] logits"
+
+
+def assert_trains_like_hf(ours: nn.Module, ref: nn.Module):
+    """Loss, aux loss and every gradient of one training step, then the eval logits, against plain HF."""
     ids = torch.randint(0, 128, (2, 12))
     out_ref, out = ref(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
-    assert out.logits is None, "training with labels: no [tokens, vocab] logits"
     assert rel(out.loss, out_ref.loss) < 1e-5
     if getattr(out_ref, "aux_loss", None) is not None:
         assert rel(out.aux_loss, out_ref.aux_loss) < 1e-5
@@ -158,6 +165,30 @@ def test_fused_loss_model_matches_hf_loss_aux_loss_and_grads(family):
             assert rel(param.grad, ref_params[name].grad) < 1e-4, name
     ours.eval()
     assert rel(ours(input_ids=ids).logits, ref.eval()(input_ids=ids).logits) < 1e-5
+    return out
+
+
+def test_apply_kernels_routes_through_the_fused_router_and_still_matches_hf():
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(make_config("qwen3_moe"), experts_implementation="eager")
+    ours = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"kernels": "off"})
+    ours.load_state_dict(ref.state_dict())
+    routers = [module for module in ours.modules() if isinstance(module, Router)]
+    assert all(router.fused_route is None for router in routers)
+    assert apply_kernels(ours, AutoMoEOptions(kernels="torch"))["routers"] == len(routers) == 2
+    calls = []
+    for router in routers:  # count the calls: the kernel's torch path is `route` itself
+        fused = router.fused_route
+        router.fused_route = lambda logits, spec, fused=fused: calls.append(spec) or fused(logits, spec)
+    assert_trains_like_hf(ours, ref)
+    assert len(calls) == 2 * len(routers), "one training and one eval forward through each router"
+
+
+def test_sigmoid_routers_keep_the_reference():
+    model = AutoMoEForCausalLM.from_config(make_config("deepseek_v3"), automoe_options={"kernels": "off"})
+    assert apply_kernels(model, AutoMoEOptions(kernels="torch"))["routers"] == 0
+    with pytest.raises(ValueError, match="sigmoid"):
+        fused_route(torch.zeros(2, 8), RouterSpec(num_experts=8, top_k=2, score_func="sigmoid"), "torch")
 
 
 def test_packed_sequences_with_document_masking_match_hf_sdpa():

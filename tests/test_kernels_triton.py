@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from automoe.kernels import AdamW, cross_entropy, moe, rmsnorm, swiglu
+from automoe.kernels.router import fused_route
 from automoe.kernels.select import interpreting, triton_available
 from automoe.moe.experts import Experts
-from automoe.moe.spec import ExpertsSpec
+from automoe.moe.router import route
+from automoe.moe.spec import ExpertsSpec, RouterSpec
 
 GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -83,6 +85,52 @@ def test_rms_norm(cols):
     want = (ref, *torch.autograd.grad(ref, (xf, wf), grad.float()))
     for a, b in zip(got, want, strict=True):
         assert rel(a, b) < TOL
+
+
+def distinct_logits(rows: int, experts: int) -> torch.Tensor:
+    """Logits with no two equal in a row: bf16 randn rows tie often, and torch.topk orders ties as it likes."""
+    positive = torch.arange(0x3C00, 0x4080, dtype=torch.int16).view(torch.bfloat16).float()  # 2**-7 .. 4
+    pool = torch.cat([positive, -positive])
+    return pool[torch.rand(rows, pool.numel()).argsort(dim=1)[:, :experts]].to(DEVICE, DTYPE)
+
+
+ROUTERS = {
+    "softmax": RouterSpec(num_experts=8, top_k=2),
+    "softmax_top1": RouterSpec(num_experts=16, top_k=1),
+    "softmax_norm": RouterSpec(num_experts=128, top_k=8, norm_topk_prob=True),
+    "softmax_norm_scaled_e60": RouterSpec(num_experts=60, top_k=4, norm_topk_prob=True, routed_scaling_factor=2.5,
+                                          renorm_eps=1e-20),
+    "softmax_fp32_weights": RouterSpec(num_experts=64, top_k=6, weights_in_fp32=True),
+    "softmax_e512": RouterSpec(num_experts=512, top_k=10, norm_topk_prob=True, weights_in_fp32=True),
+    "softmax_all_experts": RouterSpec(num_experts=6, top_k=6, norm_topk_prob=True),
+    "topk_softmax": RouterSpec(num_experts=32, top_k=4, score_func="topk_softmax"),
+    "topk_softmax_e100": RouterSpec(num_experts=100, top_k=7, score_func="topk_softmax", weights_in_fp32=True),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_router_topk_matches_route(name):
+    spec = ROUTERS[name]
+    logits = distinct_logits(45, spec.num_experts).requires_grad_(True)
+    weights, ids = fused_route(logits, spec, "triton")
+    ref_weights, ref_ids = route(logits.detach(), spec, None)
+    assert ids.dtype == torch.int64 and torch.equal(ids, ref_ids)
+    assert weights.dtype == ref_weights.dtype
+    grad = torch.randn(weights.shape, device=DEVICE).to(weights.dtype)
+    (got,) = torch.autograd.grad(weights, logits, grad)
+    xf = logits.detach().float().requires_grad_(True)  # bf16 logits are exact in fp32: the same ids
+    ref_weights, _ = route(xf, spec, None)
+    (want,) = torch.autograd.grad(ref_weights, xf, grad.float())
+    assert got.dtype == logits.dtype
+    assert rel(weights, ref_weights) < TOL and rel(got, want) < TOL
+
+
+def test_router_topk_ties_take_the_lower_expert_first():
+    logits = torch.zeros(3, 16, device=DEVICE, dtype=DTYPE)
+    logits[1, 5:9] = 1.0
+    logits[2, :2] = float("-inf")
+    _, ids = fused_route(logits, RouterSpec(num_experts=16, top_k=3), "triton")
+    assert ids.tolist() == [[0, 1, 2], [5, 6, 7], [2, 3, 4]]
 
 
 def test_cross_entropy_grad_kernel():

@@ -5,26 +5,31 @@ from __future__ import annotations
 from torch import nn
 
 from ..moe.block import MoEBlock
+from ..moe.router import Router
 from ..options import AutoMoEOptions
 from .attention import patch_attention
 from .causal_lm import patch_causal_lm
 from .moe import fusable, local_routed_fn
 from .rmsnorm import patch_rms_norms
+from .router import fused_route_fn, triton_covers
 
 
 def apply_kernels(model: nn.Module, options: AutoMoEOptions) -> dict[str, int]:
-    """Fused routed experts in every grouped_mm MoEBlock that can take them, fused RMSNorm, cuDNN-first
-    attention and, with `options.fused_loss`, the chunked linear + cross-entropy loss. Returns what was
+    """Fused routed experts in every grouped_mm MoEBlock that can take them, fused router top-k, fused RMSNorm,
+    cuDNN-first attention and, with `options.fused_loss`, the chunked linear + cross-entropy loss. Returns what was
     patched, by kind."""
     mode = options.kernels
     if mode == "off":
         return {}
-    done = {"moe_blocks": 0}
+    done = {"moe_blocks": 0, "routers": 0}
     grouped = options.experts_backend == "grouped_mm"
     for module in model.modules():
         if grouped and isinstance(module, MoEBlock) and fusable(module.spec.experts):
             module.fused_routed = local_routed_fn(mode)
             done["moe_blocks"] += 1
+        if isinstance(module, Router) and not module.balanced and triton_covers(module.spec):
+            module.fused_route = fused_route_fn(mode)
+            done["routers"] += 1
     done["rms_norms"] = patch_rms_norms(model, mode)
     done["attention"] = int(patch_attention(model))
     done["fused_loss"] = int(options.fused_loss and patch_causal_lm(model, mode))

@@ -58,6 +58,8 @@ class Router(nn.Module):
         nn.Module.__init__(self)
         self.spec = spec
         self.balanced = balanced
+        # set by automoe.kernels where its fused score + top-k covers spec: (logits, spec) -> (weights, ids)
+        self.fused_route = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         hidden_states = hidden_states.reshape(-1, self.weight.shape[-1])
@@ -68,6 +70,8 @@ class Router(nn.Module):
         logits = F.linear(hidden_states, weight, bias)
         if self.balanced:
             weights, ids = balanced_route(logits, self.spec)
+        elif self.fused_route is not None:
+            weights, ids = self.fused_route(logits, self.spec)
         else:
             correction = self.e_score_correction_bias if self.spec.has_correction_bias else None
             weights, ids = route(logits, self.spec, correction)
