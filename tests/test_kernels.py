@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM
-from automoe.kernels import AdamW, apply_kernels, cross_entropy, moe, rmsnorm, swiglu
+from automoe.kernels import AdamW, apply_kernels, cross_entropy, moe, rmsnorm, rope, swiglu
 from automoe.kernels.router import fused_route
 from automoe.kernels.select import use_triton
 from automoe.moe.dispatch import LocalDispatcher
@@ -118,6 +118,76 @@ def test_rms_norm_patch_skips_a_norm_that_computes_something_else():
     model = nn.Sequential(OnePlusNorm(8))
     assert rmsnorm.patch_rms_norms(model, "torch") == 0
     assert type(model[0]) is OnePlusNorm
+
+
+def test_rope_torch_path_matches_hf_forward_and_backward():
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
+
+    original = getattr(hf.apply_rotary_pos_emb, "automoe_original", hf.apply_rotary_pos_emb)
+    q = torch.randn(2, 7, 4, 8).transpose(1, 2).requires_grad_(True)  # HF's non-contiguous view, Hq != Hk
+    k = torch.randn(2, 7, 2, 8).transpose(1, 2).requires_grad_(True)
+    cos, sin = torch.randn(1, 7, 8), torch.randn(1, 7, 8)
+    ref = original(q, k, cos, sin)
+    grads = [torch.randn_like(r) for r in ref]
+    out = rope.rope(q, k, cos, sin, "torch")
+    for got, want in zip((*out, *torch.autograd.grad(out, (q, k), grads)),
+                         (*ref, *torch.autograd.grad(ref, (q, k), grads)), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_rope_probe_rejects_another_rotation():
+    def interleaved(q, k, cos, sin):  # pairs (0, 1), (2, 3), ... instead of the two halves
+        def turn(x):
+            return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return q * cos + turn(q) * sin, k * cos + turn(k) * sin
+
+    assert rope.computes_rope(rope.rope_reference)
+    assert not rope.computes_rope(interleaved)
+
+
+def test_rope_patch_is_scoped_to_automoe_models(monkeypatch):
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
+
+    fused, hf_rotations = [], []
+    monkeypatch.setattr(rope, "rope", lambda *a: fused.append(a[-1]) or rope.RopeFunction.apply(*a))
+    rotate_half = hf.rotate_half
+    monkeypatch.setattr(hf, "rotate_half", lambda x: hf_rotations.append(x.shape) or rotate_half(x))
+    torch.manual_seed(0)
+    ours = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"))
+    attention = ours.model.layers[0].self_attn
+    assert isinstance(attention, hf.Qwen3MoeAttention) and type(attention) is not hf.Qwen3MoeAttention
+    assert hasattr(hf.apply_rotary_pos_emb, "automoe_original"), "the modeling module's global dispatches"
+    ref = AutoModelForCausalLM.from_config(make_config("qwen3_moe"))  # built after the patch: stays plain
+    assert type(ref.model.layers[0].self_attn) is hf.Qwen3MoeAttention
+    ref.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 128, (2, 12))
+    hf_rotations.clear()  # the probe's own calls
+    out_ref = ref(input_ids=ids, labels=ids)
+    assert fused == [] and len(hf_rotations) == 4, "the plain model calls the original function"
+    with monkeypatch.context() as m:
+        m.setattr(hf, "apply_rotary_pos_emb", hf.apply_rotary_pos_emb.automoe_original)
+        assert torch.equal(ref(input_ids=ids, labels=ids).logits, out_ref.logits)
+    hf_rotations.clear()
+    out = ours(input_ids=ids, labels=ids)
+    assert fused == ["auto", "auto"] and hf_rotations == []
+    assert rel(out.logits, out_ref.logits) < 1e-5 and rel(out.loss, out_ref.loss) < 1e-5
+    out.loss.backward()
+    out_ref.loss.backward()
+    q_proj, ref_q_proj = attention.q_proj.weight, ref.model.layers[0].self_attn.q_proj.weight
+    assert rel(q_proj.grad, ref_q_proj.grad) < 1e-5
+
+
+def test_partial_rotary_keeps_the_original_path(monkeypatch):
+    fused = []
+    monkeypatch.setattr(rope, "rope", lambda *a: fused.append(a[-1]) or rope.RopeFunction.apply(*a))
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(make_config("glm4_moe"), experts_implementation="eager")
+    ours = AutoMoEForCausalLM.from_config(make_config("glm4_moe"))
+    ours.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, 128, (2, 12))
+    assert rel(ours(input_ids=ids).logits, ref(input_ids=ids).logits) < 1e-5
+    assert fused == [], "cos/sin narrower than head_dim: not the shape the probe verified"
 
 
 @pytest.mark.parametrize("chunk_bytes", [1 << 30, 64 * 4])
@@ -270,3 +340,34 @@ def test_bad_kernel_choices_say_how_to_fix():
             use_triton("triton", torch.zeros(1))
     with pytest.raises(ValueError, match="non-negative float"):
         AdamW([nn.Parameter(torch.zeros(1))], lr=torch.tensor(1e-3))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_routed_experts_with_gpt_oss_biases_match_composed_path(recompute, monkeypatch):
+    if recompute:
+        monkeypatch.setattr(moe, "RECOMPUTE_ABOVE_TOKENS", 0)
+    torch.manual_seed(0)
+    spec = ExpertsSpec(num_experts=6, hidden_size=20, intermediate_size=8, activation="clamped_swiglu",
+                       interleaved=True, transposed=True, has_bias=True, swiglu_limit=1.0)
+    experts = make_experts(spec)
+    experts.gate_up_proj_bias = nn.Parameter(torch.randn(6, 16) * 0.5)
+    experts.down_proj_bias = nn.Parameter(torch.randn(6, 20) * 0.5)
+    x = torch.randn(24, 20, requires_grad=True)
+    logits = torch.randn(24, 6)
+    logits[:, 0] = -1e4  # an expert with no token: its bias gradients are zero
+    ids = logits.topk(3, dim=-1).indices
+    weights = torch.rand(24, 3, requires_grad=True)
+    params = (x, weights, *experts.parameters())
+    ref = composed(experts, x, ids, weights)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, params, grad)
+    out = moe.routed_experts(x, ids, weights, experts, "torch")
+    assert rel(out, ref) < 1e-5
+    for got, want in zip(torch.autograd.grad(out, params, grad), ref_grads, strict=True):
+        assert got.shape == want.shape and rel(got, want) < 1e-5
+
+
+def test_gpt_oss_blocks_take_the_fused_routed_path():
+    model = AutoMoEForCausalLM.from_config(make_config("gpt_oss"))
+    blocks = [m for m in model.modules() if hasattr(m, "fused_routed")]
+    assert blocks and all(b.spec.experts.has_bias and b.fused_routed is not None for b in blocks)

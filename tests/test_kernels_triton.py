@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from automoe.kernels import AdamW, cross_entropy, moe, rmsnorm, swiglu
+from automoe.kernels import AdamW, cross_entropy, moe, rmsnorm, rope, swiglu
 from automoe.kernels.router import fused_route
 from automoe.kernels.select import interpreting, triton_available
 from automoe.moe.experts import Experts
@@ -133,6 +133,69 @@ def test_router_topk_ties_take_the_lower_expert_first():
     assert ids.tolist() == [[0, 1, 2], [5, 6, 7], [2, 3, 4]]
 
 
+def rope_inputs(layout: str, trig: str, head_dim: int):
+    """q/k as HF builds them (proj(x).view(B, S, H, D).transpose(1, 2)) or contiguous; Hq != Hk; cos/sin as the
+    rotary embedding gives them (one batch row, duplicated halves) or random per batch row."""
+    b, s, hq, hk = 2, 37, 6, 2
+    if layout == "hf":
+        q, k = randn(b, s, hq, head_dim).transpose(1, 2), randn(b, s, hk, head_dim).transpose(1, 2)
+    else:
+        q, k = randn(b, hq, s, head_dim), randn(b, hk, s, head_dim)
+    if trig == "rotary":
+        inv_freq = 1e4 ** -(torch.arange(0, head_dim, 2, device=DEVICE) / head_dim)
+        angles = torch.arange(s, device=DEVICE)[:, None] * inv_freq
+        angles = torch.cat((angles, angles), dim=-1)[None]
+        cos, sin = angles.cos().to(DTYPE), angles.sin().to(DTYPE)
+    else:
+        cos, sin = randn(b, s, head_dim), randn(b, s, head_dim)
+    return q.requires_grad_(True), k.requires_grad_(True), cos, sin
+
+
+@pytest.mark.parametrize("layout", ["hf", "contiguous"])
+@pytest.mark.parametrize("trig", ["rotary", "random"])
+@pytest.mark.parametrize("head_dim", [128, 12])
+def test_rope_forward_backward(layout, trig, head_dim):
+    q, k, cos, sin = rope_inputs(layout, trig, head_dim)
+    out = rope.rope(q, k, cos, sin, "triton")
+    for o in out:  # [B, S, H, D] memory seen as [B, H, S, D]: what SDPA takes
+        assert o.dtype == DTYPE and o.stride(-1) == 1 and o.transpose(1, 2).is_contiguous()
+    grads = [randn(*o.shape) for o in out]
+    got = (*out, *torch.autograd.grad(out, (q, k), grads))
+    qf, kf = (t.detach().float().requires_grad_(True) for t in (q, k))
+    ref = rope.rope_reference(qf, kf, cos.float(), sin.float())
+    want = (*ref, *torch.autograd.grad(ref, (qf, kf), [g.float() for g in grads]))
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and rel(a, b) < TOL
+
+
+def test_rope_in_a_checkpointed_model_takes_the_kernel_and_a_plain_model_does_not(monkeypatch):
+    import sys
+
+    sys.path.insert(0, "tests")
+    from tiny_configs import make_config
+    from transformers import AutoModelForCausalLM
+
+    from automoe import AutoMoEForCausalLM
+
+    calls = []
+    triton_rope = rope._rope_triton
+    monkeypatch.setattr(rope, "_rope_triton", lambda *a, **kw: calls.append(kw["backward"]) or triton_rope(*a, **kw))
+    ours = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), dtype=DTYPE).to(DEVICE)
+    ref = AutoModelForCausalLM.from_config(make_config("qwen3_moe"), dtype=DTYPE).to(DEVICE)
+    ref.load_state_dict(ours.state_dict())
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours.train()
+    ids = torch.randint(0, 128, (2, 64), device=DEVICE)
+    loss = ours(input_ids=ids, labels=ids).loss
+    assert calls == [False, False]
+    loss.backward()
+    assert calls.count(False) == 4 and calls.count(True) == 2, "recomputed forwards take the kernel too"
+    with torch.no_grad():
+        ref_loss = ref(input_ids=ids, labels=ids).loss
+    assert len(calls) == 6, "a plain HF model keeps its own path"
+    assert rel(loss, ref_loss) < TOL
+
+
 def test_cross_entropy_grad_kernel():
     logits, labels = randn(19, 5000, scale=3.0), torch.randint(0, 5000, (19,), device=DEVICE)
     labels[4] = cross_entropy.IGNORE_INDEX
@@ -232,3 +295,77 @@ def test_moe_layer_step_has_no_host_sync():
         block(x).sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+GPT_OSS = ExpertsSpec(num_experts=8, hidden_size=64, intermediate_size=96, activation="clamped_swiglu",
+                      interleaved=True, transposed=True, has_bias=True)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_clamped_swiglu_forward_backward(with_bias, interleaved):
+    spec = ExpertsSpec(num_experts=8, hidden_size=64, intermediate_size=96, activation="clamped_swiglu",
+                       interleaved=interleaved, has_bias=with_bias)
+    rows, inter, limit = 37, spec.intermediate_size, spec.swiglu_limit
+    h, w = randn(rows, 2 * inter, scale=6.0), torch.rand(rows, device=DEVICE)  # many gates/ups beyond the limit 7
+    table, row_expert = randn(spec.num_experts, 2 * inter, scale=3.0), torch.randint(0, 8, (rows,), device=DEVICE)
+    bias = (table, row_expert) if with_bias else None
+    grad = randn(rows, inter)
+    args = (spec, nn.SiLU())
+    out = swiglu.weighted_activation(h, w, *args, "triton", bias)
+    assert rel(out, swiglu.weighted_activation_reference(h.float(), w, *args, bias)) < TOL
+    got = swiglu.weighted_activation_backward(grad, h, w, *args, "triton", bias)
+    want = swiglu.weighted_activation_backward(grad.float(), h.float(), w, *args, "torch", bias)
+    for a, b in zip(got, want, strict=True):
+        assert rel(a, b) < TOL
+    biased = h.float() + (table.float()[row_expert] if with_bias else 0)
+    gate, up = (biased[:, ::2], biased[:, 1::2]) if interleaved else biased.chunk(2, dim=-1)
+    beyond = (gate > limit, up.abs() > limit)
+    clamped = torch.stack(beyond, dim=-1).flatten(1) if interleaved else torch.cat(beyond, dim=-1)
+    assert clamped.float().mean() > 0.1
+    assert got[0][clamped].abs().max() == 0 and want[0][clamped].abs().max() == 0, "a clamped input gets no gradient"
+
+
+def test_routed_experts_gpt_oss_match_fp32_composed_reference():
+    from automoe.moe.dispatch import LocalDispatcher
+
+    torch.manual_seed(0)
+    e, hid, inter = GPT_OSS.num_experts, GPT_OSS.hidden_size, GPT_OSS.intermediate_size
+    tensors = {"gate_up_proj": randn(e, hid, 2 * inter, scale=0.5), "down_proj": randn(e, inter, hid, scale=0.2),
+               "gate_up_proj_bias": randn(e, 2 * inter, scale=2.0), "down_proj_bias": randn(e, hid, scale=0.5)}
+    x = randn(300, hid, scale=2.0).requires_grad_(True)
+    ids = torch.randn(300, e, device=DEVICE).topk(4, dim=-1).indices
+    weights = torch.rand(300, 4, device=DEVICE).to(DTYPE).requires_grad_(True)
+
+    grad = randn(300, hid)
+
+    def run(kernel: bool):
+        """Ours in DTYPE, or the core's dispatch -> experts -> combine in fp32, autograd all the way."""
+        dtype = DTYPE if kernel else torch.float32
+        experts = Experts(GPT_OSS, nn.SiLU(), "grouped_mm")
+        for name, value in tensors.items():
+            setattr(experts, name, nn.Parameter(value.to(dtype)))
+        xs = x if kernel else x.detach().float().requires_grad_(True)
+        ws = weights if kernel else weights.detach().float().requires_grad_(True)
+        if kernel:
+            out = moe.routed_experts(xs, ids, ws, experts, "triton")
+        else:
+            dispatcher = LocalDispatcher(e)
+            d = dispatcher.dispatch(xs, ids, ws)
+            out = dispatcher.combine(experts(d.tokens, d.counts, d.row_expert), d)
+        return (out, *torch.autograd.grad(out, (xs, ws, *experts.parameters()), grad.to(out.dtype)))
+
+    got, want = run(True), run(False)
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape and rel(a, b) < 2 * TOL
+
+
+@pytest.mark.parametrize("top_k, hidden", [(2, 64), (8, 2048), (3, 100)])
+def test_unpermute_sum_kernel(top_k, hidden):
+    tokens = 37
+    rows = randn(tokens * top_k, hidden)
+    order = torch.randperm(tokens * top_k, device=DEVICE)
+    got = combine.unpermute_sum(rows, order, tokens, top_k, "triton")
+    want = combine.unpermute_sum(rows.float(), order, tokens, top_k, "torch")
+    assert got.dtype == rows.dtype and got.shape == (tokens, hidden)
+    assert rel(got, want) < TOL

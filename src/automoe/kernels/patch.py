@@ -11,6 +11,7 @@ from .attention import patch_attention
 from .causal_lm import patch_causal_lm
 from .moe import fusable, local_routed_fn
 from .rmsnorm import patch_rms_norms
+from .rope import patch_rope
 from .router import fused_route_fn, triton_covers
 
 
@@ -31,6 +32,7 @@ def apply_kernels(model: nn.Module, options: AutoMoEOptions) -> dict[str, int]:
             module.fused_route = fused_route_fn(mode)
             done["routers"] += 1
     done["rms_norms"] = patch_rms_norms(model, mode)
+    done["rope"] = patch_rope(model, mode)
     done["attention"] = int(patch_attention(model))
     done["fused_loss"] = int(options.fused_loss and patch_causal_lm(model, mode))
     return done

@@ -2,9 +2,10 @@
 
 Folding the top-k weight in before the down projection (w * (a @ W2) == (w * a) @ W2) lets combine be a plain
 sum and lets the backward get d(weight) from tensors it already has, so the expert output [T*k, H] is never
-kept for it. The Triton kernels cover SwiGLU with SiLU on [gate; up] (Qwen3, Mixtral, OLMoE, DeepSeek, ...);
-other activations (GPT-OSS's clamped, interleaved one) take the torch reference, which recomputes through
-autograd.
+kept for it. The Triton kernels cover SwiGLU with SiLU (Qwen3, Mixtral, OLMoE, DeepSeek, ...) and GPT-OSS's
+clamped SwiGLU, on [gate; up] or interleaved gate/up, and add the gate/up bias of each row's expert on the fly
+(so the saved gate/up output stays bias-free and no biased copy is made). Other activation functions take the
+torch reference, which recomputes through autograd.
 """
 
 from __future__ import annotations
@@ -21,72 +22,126 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _swiglu_fwd_kernel(h_ptr, w_ptr, a_ptr, inter, BLOCK: tl.constexpr):
+    def _load_gate_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask,
+                      INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """fp32 gate and up (+ this row's expert bias) at columns `col`, and their offsets within a row."""
+        if INTERLEAVED:
+            gate_col = 2 * col
+            up_col = 2 * col + 1
+        else:
+            gate_col = col
+            up_col = inter + col
+        g = tl.load(h_ptr + row * 2 * inter + gate_col, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(h_ptr + row * 2 * inter + up_col, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias_row = bias_ptr + tl.load(expert_ptr + row).to(tl.int64) * 2 * inter
+            g += tl.load(bias_row + gate_col, mask=mask, other=0.0).to(tl.float32)
+            u += tl.load(bias_row + up_col, mask=mask, other=0.0).to(tl.float32)
+        return g, u, gate_col, up_col
+
+    @triton.jit
+    def _gated(g, u, alpha, limit, CLAMPED: tl.constexpr):
+        """(a, da/dgate, da/dup). Clamped (GPT-OSS): a = (clamp(u, -l, l) + 1) * g' * sigmoid(alpha * g') with
+        g' = min(g, l); a clamped input gets zero gradient, and a value on the limit keeps it, as torch's clamp."""
+        if CLAMPED:
+            gc = tl.minimum(g, limit)
+            uc = tl.minimum(tl.maximum(u, -limit), limit)
+            sig = tl.sigmoid(alpha * gc)
+            glu = gc * sig
+            a = (uc + 1.0) * glu
+            da_dg = tl.where(g <= limit, (uc + 1.0) * (sig + alpha * glu * (1.0 - sig)), 0.0)
+            da_du = tl.where((u >= -limit) & (u <= limit), glu, 0.0)
+        else:
+            sig = tl.sigmoid(g)
+            silu = g * sig
+            a = silu * u
+            da_dg = u * sig * (1.0 + g * (1.0 - sig))
+            da_du = silu
+        return a, da_dg, da_du
+
+    @triton.jit
+    def _weighted_act_fwd_kernel(h_ptr, w_ptr, bias_ptr, expert_ptr, a_ptr, inter, alpha, limit,
+                                 INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         w = tl.load(w_ptr + row).to(tl.float32)
         for start in range(0, inter, BLOCK):
             col = start + tl.arange(0, BLOCK)
             mask = col < inter
-            g = tl.load(h_ptr + row * 2 * inter + col, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(h_ptr + row * 2 * inter + inter + col, mask=mask, other=0.0).to(tl.float32)
-            a = g * tl.sigmoid(g) * u * w
-            tl.store(a_ptr + row * inter + col, a.to(a_ptr.dtype.element_ty), mask=mask)
+            g, u, _, _ = _load_gate_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED, HAS_BIAS)
+            a, _, _ = _gated(g, u, alpha, limit, CLAMPED)
+            tl.store(a_ptr + row * inter + col, (a * w).to(a_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(da_ptr, h_ptr, w_ptr, dh_ptr, dw_ptr, a_ptr, inter, BLOCK: tl.constexpr):
+    def _weighted_act_bwd_kernel(da_ptr, h_ptr, w_ptr, bias_ptr, expert_ptr, dh_ptr, dw_ptr, a_ptr, inter,
+                                 alpha, limit, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr,
+                                 HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         w = tl.load(w_ptr + row).to(tl.float32)
         dw = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, inter, BLOCK):
             col = start + tl.arange(0, BLOCK)
             mask = col < inter
-            g = tl.load(h_ptr + row * 2 * inter + col, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(h_ptr + row * 2 * inter + inter + col, mask=mask, other=0.0).to(tl.float32)
+            g, u, gate_col, up_col = _load_gate_up(
+                h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED, HAS_BIAS
+            )
             da = tl.load(da_ptr + row * inter + col, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(g)
-            silu = g * sig
-            dw += da * silu * u
-            dg = da * w * u * sig * (1.0 + g * (1.0 - sig))
-            du = da * w * silu
-            tl.store(dh_ptr + row * 2 * inter + col, dg.to(dh_ptr.dtype.element_ty), mask=mask)
-            tl.store(dh_ptr + row * 2 * inter + inter + col, du.to(dh_ptr.dtype.element_ty), mask=mask)
-            tl.store(a_ptr + row * inter + col, (silu * u * w).to(a_ptr.dtype.element_ty), mask=mask)
+            a, da_dg, da_du = _gated(g, u, alpha, limit, CLAMPED)
+            dw += da * a
+            dh_row = dh_ptr + row * 2 * inter
+            tl.store(dh_row + gate_col, (da * w * da_dg).to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(dh_row + up_col, (da * w * da_du).to(dh_ptr.dtype.element_ty), mask=mask)
+            tl.store(a_ptr + row * inter + col, (a * w).to(a_ptr.dtype.element_ty), mask=mask)
         tl.store(dw_ptr + row, tl.sum(dw, axis=0))
 
 
 def triton_covers(spec: ExpertsSpec) -> bool:
-    return spec.activation == "swiglu" and spec.act_name == "silu" and not spec.interleaved
+    return spec.activation == "clamped_swiglu" or (spec.activation == "swiglu" and spec.act_name == "silu")
+
+
+GateUpBias = tuple[torch.Tensor, torch.Tensor]  # (gate/up bias [E, 2I], the expert of each row [S])
+
+
+def _biased(h: torch.Tensor, bias: GateUpBias | None) -> torch.Tensor:
+    """h in fp32 plus each row's expert bias (the kernels add it the same way, in fp32)."""
+    return h.float() if bias is None else h.float() + bias[0].float()[bias[1]]
 
 
 def weighted_activation_reference(
-    h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module
+    h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module, bias: GateUpBias | None = None
 ) -> torch.Tensor:
-    """[S, 2I], [S] -> [S, I]: weights[:, None] * act(gate) * up, computed in fp32 and rounded once."""
-    return (gated_activation(h.float(), spec, act_fn) * weights.float()[:, None]).to(h.dtype)
+    """[S, 2I], [S] (+ each row's expert bias) -> [S, I]: weights[:, None] * act(gate) * up, computed in fp32 and
+    rounded once."""
+    return (gated_activation(_biased(h, bias), spec, act_fn) * weights.float()[:, None]).to(h.dtype)
 
 
 def weighted_activation(
-    h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module, mode: str
+    h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module, mode: str,
+    bias: GateUpBias | None = None,
 ) -> torch.Tensor:
+    """The forward: a [S, I] from h [S, 2I] (bias-free; `bias` is added on the fly) and weights [S]."""
     if not (triton_covers(spec) and use_triton(mode, h)):
-        return weighted_activation_reference(h, weights, spec, act_fn)
+        return weighted_activation_reference(h, weights, spec, act_fn, bias)
     rows, inter = h.shape[0], h.shape[1] // 2
     out = torch.empty(rows, inter, device=h.device, dtype=h.dtype)
     if rows:
-        _swiglu_fwd_kernel[(rows,)](h.contiguous(), weights.contiguous(), out, inter, BLOCK=_block(inter))
+        _weighted_act_fwd_kernel[(rows,)](
+            h.contiguous(), weights.contiguous(), a_ptr=out, inter=inter, **_kernel_args(spec, bias, inter)
+        )
     return out
 
 
 def weighted_activation_backward(
-    grad: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module, mode: str
+    grad: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module, mode: str,
+    bias: GateUpBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d h [S, 2I], d weights [S] fp32, the recomputed activation [S, I]) from d a [S, I]."""
+    """(d h [S, 2I], d weights [S] fp32, the recomputed activation [S, I]) from d a [S, I]. d h is also each
+    row's gradient of the gate/up bias."""
     if not (triton_covers(spec) and use_triton(mode, h)):
         with torch.enable_grad():
             h_ = h.detach().requires_grad_(True)
             w_ = weights.detach().float().requires_grad_(True)
-            act = gated_activation(h_.float(), spec, act_fn)
-            out = act * w_[:, None]
+            out = gated_activation(_biased(h_, bias), spec, act_fn) * w_[:, None]
             dh, dw = torch.autograd.grad(out, (h_, w_), grad.float())
         return dh.to(h.dtype), dw, out.detach().to(h.dtype)
     rows, inter = h.shape[0], h.shape[1] // 2
@@ -94,11 +149,19 @@ def weighted_activation_backward(
     dw = torch.empty(rows, device=h.device, dtype=torch.float32)
     act = torch.empty(rows, inter, device=h.device, dtype=h.dtype)
     if rows:
-        _swiglu_bwd_kernel[(rows,)](
-            grad.contiguous(), h.contiguous(), weights.contiguous(), dh, dw, act, inter, BLOCK=_block(inter)
+        _weighted_act_bwd_kernel[(rows,)](
+            grad.contiguous(), h.contiguous(), weights.contiguous(), dh_ptr=dh, dw_ptr=dw, a_ptr=act, inter=inter,
+            **_kernel_args(spec, bias, inter),
         )
     return dh, dw, act
 
 
-def _block(inter: int) -> int:
-    return min(1024, triton.next_power_of_2(inter))
+def _kernel_args(spec: ExpertsSpec, bias: GateUpBias | None, inter: int) -> dict:
+    """What both kernels take from the spec and the bias: alpha, limit, the constexpr switches, and the bias
+    pointers (None, a constexpr there, when the experts have no bias)."""
+    bias_ptr, expert_ptr = (None, None) if bias is None else (bias[0].contiguous(), bias[1].contiguous())
+    return dict(
+        bias_ptr=bias_ptr, expert_ptr=expert_ptr, alpha=float(spec.swiglu_alpha), limit=float(spec.swiglu_limit),
+        INTERLEAVED=spec.interleaved, CLAMPED=spec.activation == "clamped_swiglu", HAS_BIAS=bias is not None,
+        BLOCK=min(1024, triton.next_power_of_2(inter)),
+    )

@@ -1,0 +1,215 @@
+"""Rotary position embedding of q and k in one pass forward and one backward (issue 8).
+
+HF's `apply_rotary_pos_emb` runs q*cos + rotate_half(q)*sin as several elementwise passes and a cat, forward
+and backward, for q and k separately. Here one Triton program per (batch, position) loads cos/sin once and
+rotates every q and k head in fp32, rounding once. Backward is the same rotation by -sin (halves swapped), so
+only cos and sin are kept for it.
+
+Scope: only automoe models. Each verified attention class gets a subclass whose forward marks a contextvar;
+the modeling module's `apply_rotary_pos_emb` global is replaced, once and after a probe shows it computes
+`rope_reference`, by a dispatcher that takes the fused path only while that mark is set. Plain HF models in
+the same process keep calling the original, and activation-checkpoint recomputation (which re-runs the
+attention forward) takes the fused path too.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from contextvars import ContextVar
+
+import torch
+from torch import nn
+
+from .select import triton_available, use_triton
+
+NAME = "apply_rotary_pos_emb"
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rotate_heads(x_ptr, y_ptr, x_row, y_row, sxh, sxd, heads, half, c1, c2, sa, sb,
+                      BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        d = tl.arange(0, BLOCK_D)
+        for h0 in range(0, heads, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            mask = (h < heads)[:, None] & (d < half)[None, :]
+            x = x_ptr + x_row + h[:, None] * sxh + d[None, :] * sxd
+            x1 = tl.load(x, mask=mask, other=0.0).to(tl.float32)
+            x2 = tl.load(x + half * sxd, mask=mask, other=0.0).to(tl.float32)
+            y = y_ptr + y_row + h[:, None] * (2 * half) + d[None, :]  # output rows are [heads, head_dim]
+            tl.store(y, (x1 * c1 - x2 * sa).to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y + half, (x2 * c2 + x1 * sb).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, seq, half, hq, hk,
+                     sqb, sqh, sqs, sqd, skb, skh, sks, skd, scb, scs,
+                     BACKWARD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        b, s = pid // seq, pid % seq
+        d = tl.arange(0, BLOCK_D)
+        mask = d < half
+        trig = b * scb + s * scs
+        c1 = tl.load(cos_ptr + trig + d, mask=mask, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(cos_ptr + trig + half + d, mask=mask, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(sin_ptr + trig + d, mask=mask, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(sin_ptr + trig + half + d, mask=mask, other=0.0).to(tl.float32)[None, :]
+        if BACKWARD:  # the transpose of the forward rotation: -sin, each half taking the other half's sin
+            sa, sb = -s2, -s1
+        else:
+            sa, sb = s1, s2
+        _rotate_heads(q_ptr, qo_ptr, b * sqb + s * sqs, pid * hq * 2 * half, sqh, sqd, hq, half,
+                      c1, c2, sa, sb, BLOCK_HQ, BLOCK_D)
+        _rotate_heads(k_ptr, ko_ptr, b * skb + s * sks, pid * hk * 2 * half, skh, skd, hk, half,
+                      c1, c2, sa, sb, BLOCK_HK, BLOCK_D)
+
+    def _rope_triton(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     dtypes: tuple[torch.dtype, torch.dtype], backward: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, hq, seq, dim = q.shape
+        hk = k.shape[1]
+        # [B, H, S, D] over [B, S, H, D] memory: the layout HF's q/k/v already have, which SDPA takes as is and
+        # which the q/k norm's backward reads without a copy (not views, so in-place use downstream stays legal)
+        q_out = q.new_empty_strided(q.shape, (seq * hq * dim, dim, hq * dim, 1), dtype=dtypes[0])
+        k_out = k.new_empty_strided(k.shape, (seq * hk * dim, dim, hk * dim, 1), dtype=dtypes[1])
+        cos, sin = (t.contiguous().expand(batch, seq, dim) for t in (cos, sin))  # one stride set for both
+        if batch * seq:
+            block_d = triton.next_power_of_2(dim // 2)
+            cap = max(1, 4096 // block_d)
+            _rope_kernel[(batch * seq,)](
+                q, k, q_out, k_out, cos, sin, seq, dim // 2, hq, hk, *q.stride(), *k.stride(),
+                cos.stride(0), cos.stride(1), BACKWARD=backward, BLOCK_HQ=min(triton.next_power_of_2(hq), cap),
+                BLOCK_HK=min(triton.next_power_of_2(hk), cap), BLOCK_D=block_d,
+            )
+        return q_out, k_out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rotate_half_transposed(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((x[..., half:], -x[..., :half]), dim=-1)
+
+
+def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's formula, op for op: q*cos + rotate_half(q)*sin (cos/sin [B, S, D] broadcast over heads)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, mode):
+        ctx.save_for_backward(cos, sin)
+        ctx.mode, ctx.dtypes = mode, (q.dtype, k.dtype)
+        if use_triton(mode, q):
+            dtypes = (torch.result_type(q, cos), torch.result_type(k, cos))
+            return _rope_triton(q, k, cos, sin, dtypes, backward=False)
+        return rope_reference(q, k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        if use_triton(ctx.mode, dq):
+            return *_rope_triton(dq, dk, cos, sin, ctx.dtypes, backward=True), None, None, None
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        grads = (g * cos + _rotate_half_transposed(g * sin) for g in (dq, dk))
+        return *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)), None, None, None
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+         mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, Hq, S, D] and k [B, Hk, S, D] (any strides) by cos/sin [B or 1, S, D]."""
+    return RopeFunction.apply(q, k, cos, sin, mode)
+
+
+_MODE: ContextVar[str | None] = ContextVar("automoe_rope_mode", default=None)
+_FUSED: dict[type, type] = {}
+
+
+def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """The shapes the probe verified: full-width cos/sin (partial rotary keeps the original path)."""
+    tensors = (q, k, cos, sin)
+    if any(type(t) is not torch.Tensor or t.device != q.device for t in tensors):
+        return False
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
+        return False
+    batch, _, seq, dim = q.shape
+    return (k.shape[0] == batch and k.shape[2:] == (seq, dim) and cos.shape[1:] == (seq, dim)
+            and cos.shape[0] in (1, batch) and dim % 2 == 0 and q.is_floating_point() and k.dtype == q.dtype
+            and sin.dtype == cos.dtype and not (cos.requires_grad or sin.requires_grad))
+
+
+def _dispatching(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(*args, **kwargs):
+        mode = _MODE.get()
+        if mode is not None and len(args) == 4 and kwargs in ({}, {"unsqueeze_dim": 1}) and _fusable(*args):
+            return rope(*args, mode)
+        return original(*args, **kwargs)
+
+    apply_rotary_pos_emb.automoe_original = original
+    return apply_rotary_pos_emb
+
+
+def computes_rope(fn: Callable) -> bool:
+    """Run `fn(q, k, cos, sin)` on random fp32 CPU inputs (Hq != Hk) and compare with rope_reference."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
+    cos, sin = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    try:
+        with torch.no_grad():
+            got = fn(q, k, cos, sin)
+    except Exception:  # another signature or layout: not the function rope() replaces
+        return False
+    want = rope_reference(q, k, cos, sin)
+    return (isinstance(got, tuple) and len(got) == 2
+            and all(isinstance(g, torch.Tensor) and g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6)
+                    for g, w in zip(got, want, strict=True)))
+
+
+def _install(cls: type) -> bool:
+    """Put the dispatcher in place of the global `cls.forward` calls, if that global verifies; True when in place."""
+    forward = inspect.unwrap(cls.forward)
+    code, namespace = getattr(forward, "__code__", None), getattr(forward, "__globals__", {})
+    if code is None or NAME not in code.co_names or not callable(namespace.get(NAME)):
+        return False
+    current = namespace[NAME]
+    if hasattr(current, "automoe_original"):
+        return True
+    if not computes_rope(current):
+        return False
+    namespace[NAME] = _dispatching(current)
+    return True
+
+
+def _fused_class(cls: type) -> type:
+    if cls not in _FUSED:
+
+        @functools.wraps(cls.forward)
+        def forward(self, *args, **kwargs):
+            token = _MODE.set(self.automoe_kernels)
+            try:
+                return cls.forward(self, *args, **kwargs)
+            finally:
+                _MODE.reset(token)
+
+        _FUSED[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return _FUSED[cls]
+
+
+def patch_rope(model: nn.Module, mode: str) -> int:
+    """Route every verified attention module's RoPE through rope(); returns how many modules were patched."""
+    verified = {cls: _install(cls) for cls in {type(m) for m in model.modules()} - set(_FUSED.values())}
+    patched = [module for module in model.modules() if verified.get(type(module))]
+    for module in patched:
+        module.__class__ = _fused_class(type(module))
+        module.automoe_kernels = mode
+    return len(patched)
