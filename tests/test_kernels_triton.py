@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from automoe.kernels import AdamW, cross_entropy, moe, rmsnorm, rope, swiglu
+from automoe.kernels import AdamW, combine, cross_entropy, moe, rmsnorm, rope, swiglu
 from automoe.kernels.router import fused_route
 from automoe.kernels.select import interpreting, triton_available
 from automoe.moe.experts import Experts
