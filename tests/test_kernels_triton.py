@@ -326,7 +326,7 @@ def test_clamped_swiglu_forward_backward(with_bias, interleaved):
     assert got[0][clamped].abs().max() == 0 and want[0][clamped].abs().max() == 0, "a clamped input gets no gradient"
 
 
-def test_routed_experts_gpt_oss_match_fp32_composed_reference():
+def test_routed_experts_gpt_oss_match_reference():
     from automoe.moe.dispatch import LocalDispatcher
 
     torch.manual_seed(0)
@@ -339,23 +339,27 @@ def test_routed_experts_gpt_oss_match_fp32_composed_reference():
 
     grad = randn(300, hid)
 
-    def run(kernel: bool):
-        """Ours in DTYPE, or the core's dispatch -> experts -> combine in fp32, autograd all the way."""
-        dtype = DTYPE if kernel else torch.float32
+    def run(path: str):
+        """Ours ("triton", or the Function's own torch path) in DTYPE, or the core's dispatch -> experts -> combine
+        in fp32 ("composed"), autograd all the way."""
+        dtype = DTYPE if path != "composed" else torch.float32
         experts = Experts(GPT_OSS, nn.SiLU(), "grouped_mm")
         for name, value in tensors.items():
             setattr(experts, name, nn.Parameter(value.to(dtype)))
-        xs = x if kernel else x.detach().float().requires_grad_(True)
-        ws = weights if kernel else weights.detach().float().requires_grad_(True)
-        if kernel:
-            out = moe.routed_experts(xs, ids, ws, experts, "triton")
+        xs = x.detach().to(dtype).requires_grad_(True)
+        ws = weights.detach().to(dtype).requires_grad_(True)
+        if path != "composed":
+            out = moe.routed_experts(xs, ids, ws, experts, path)
         else:
             dispatcher = LocalDispatcher(e)
             d = dispatcher.dispatch(xs, ids, ws)
             out = dispatcher.combine(experts(d.tokens, d.counts, d.row_expert), d)
         return (out, *torch.autograd.grad(out, (xs, ws, *experts.parameters()), grad.to(out.dtype)))
 
-    got, want = run(True), run(False)
+    # In bf16 an fp32 reference decides some clamps differently (h within a rounding of the limit), which moves
+    # the gradients by a few percent whatever the kernel does; there the Function's torch path, which computes h
+    # with the same GEMM, is the reference.
+    got, want = run("triton"), run("torch" if DTYPE == torch.bfloat16 else "composed")
     for a, b in zip(got, want, strict=True):
         assert a.shape == b.shape and rel(a, b) < 2 * TOL
 

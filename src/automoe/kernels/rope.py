@@ -161,9 +161,9 @@ def _dispatching(original: Callable) -> Callable:
 
 def computes_rope(fn: Callable) -> bool:
     """Run `fn(q, k, cos, sin)` on random fp32 CPU inputs (Hq != Hk) and compare with rope_reference."""
-    gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 3, 5, 8, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
-    cos, sin = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, cos, sin = (torch.randn(*shape, generator=gen, device="cpu")  # whatever default device is in force
+                      for shape in ((2, 3, 5, 8), (2, 2, 5, 8), (2, 5, 8), (2, 5, 8)))
     try:
         with torch.no_grad():
             got = fn(q, k, cos, sin)
