@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 
 import torch
@@ -84,7 +85,8 @@ def main() -> None:
         apply_liger_kernel_to_qwen3_moe()
         blocks["v5 + Liger"] = block("liger")
     result = {"device": torch.cuda.get_device_name(0), "dense_tflops": dense, "shape": dict(E=e, H=h, I=i, k=k),
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__}, "rows": []}
+              "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+              "liger_fused_moe_autotune": os.environ.get("LIGER_FUSED_MOE_AUTOTUNE", "default (on)"), "rows": []}
     for tokens in args.tokens:
         flops = 6 * tokens * k * 3 * h * i
         x = torch.randn(1, tokens, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -92,6 +94,7 @@ def main() -> None:
         row = {"tokens": tokens}
         for name, module in blocks.items():
             row[name] = flops / (time_ms(fwd_bwd(module, x, grad)) * 1e-3) / 1e12
+            print(f"T={tokens} {name}: {row[name]:.0f} TFLOP/s", flush=True)  # Liger's autotune can run long
         # bare grouped_mm + SwiGLU on tokens already sorted into equal groups (no routing, permute or combine)
         w1 = (torch.randn(e, h, 2 * i, device="cuda") * 0.02).bfloat16().requires_grad_(True)
         w2 = (torch.randn(e, i, h, device="cuda") * 0.02).bfloat16().requires_grad_(True)
