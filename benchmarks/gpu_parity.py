@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from automoe import AutoMoEForCausalLM
+from automoe import AutoMoEOptions, optimize_model
 from automoe.moe.block import MoEBlock
 
 SHAPES = {
@@ -41,12 +41,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def check(family: str, config, seq: int, device: str) -> dict:
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, experts_implementation="eager").to(device)
+    # built straight on the device (a CPU build of these shapes takes minutes); automoe's swap runs after, since
+    # its recogniser probes on CPU and must not run under a CUDA default device
+    with torch.device(device):
+        ref = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, experts_implementation="eager")
+        ours = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    ours = optimize_model(ours, AutoMoEOptions())
     with torch.no_grad():
         for module in ref.modules():  # the e_score_correction_bias starts at zero; make it matter
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0, 0.01)
-    ours = AutoMoEForCausalLM.from_config(config, dtype=torch.bfloat16).to(device)
     ours.load_state_dict(ref.state_dict())
     assert any(isinstance(m, MoEBlock) for m in ours.modules())
     ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
@@ -79,13 +83,15 @@ def main() -> None:
     parser.add_argument("--out")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    results = [check(family, config, args.seq, args.device) for family, config in SHAPES.items()]
-    for r in results:
+    results = []
+    for family, config in SHAPES.items():
+        r = check(family, config, args.seq, args.device)
+        results.append(r)
         print(
             f"{r['family']:12s} seq {r['seq']}: loss {r['loss_ref']:.5f} vs {r['loss_automoe']:.5f} "
             f"(rel {r['loss_rel_err']:.2e}), logits rel {r['logits_rel_err']:.2e}, "
             f"grads rel max {r['grad_rel_err_max']:.2e} median {r['grad_rel_err_median']:.2e} "
-            f"-> {'PASS' if r['pass'] else 'FAIL'}"
+            f"-> {'PASS' if r['pass'] else 'FAIL'}", flush=True
         )
     if args.out:
         with open(args.out, "w") as f:
