@@ -1,10 +1,11 @@
 """Attention through the fastest exact SDPA backend: cuDNN first on the GPU, then flash, efficient, math.
 
 HF's own `sdpa` path is reused unchanged (GQA via enable_gqa when there is no mask, repeated K/V with one);
-only the backend priority differs. Plain `sdpa` lets PyTorch pick flash for causal GQA, which on an H100 runs
-at about half cuDNN's rate. Where cuDNN cannot take an input (a document mask for packed sequences on some
-versions, an unsupported head dim, a CPU tensor) PyTorch's dispatcher moves down the list: that is the
-fallback, and it is exact.
+only the backend priority differs. PyTorch's own order depends on its version and the inputs (torch 2.11 on an
+H100 already takes cuDNN for unmasked causal GQA, see the v5 column's profile in benchmarks/profiles/; other
+versions and inputs take flash, at about half cuDNN's rate there), so the order is pinned here. Where cuDNN
+cannot take an input (a document mask for packed sequences on some versions, an unsupported head dim, a CPU
+tensor) PyTorch's dispatcher moves down the list: that is the fallback, and it is exact.
 """
 
 from __future__ import annotations
