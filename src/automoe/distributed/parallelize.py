@@ -1,7 +1,7 @@
 """Apply expert parallelism, activation checkpointing and FSDP2 to a built model (model code stays single-device).
 
-Order: experts become DTensors Shard(0) over `ep` (and their block gets the all-to-all dispatcher), decoder
-layers get checkpointing, then fully_shard on each experts module (over the ranks sharing an expert shard), on
+Order: decoder layers get checkpointing, experts become DTensors Shard(0) over `ep` (and their block gets the
+all-to-all dispatcher), then fully_shard on each experts module (over the ranks sharing an expert shard), on
 each decoder layer (the whole data-parallel world) and on the root.
 
 FSDP2 goes only where it has something to do: a group of weights that no other rank shares has nothing to

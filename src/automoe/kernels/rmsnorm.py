@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .select import triton_available, use_triton
+from .swap import swap_forwards
 
 if triton_available():
     import triton
@@ -147,26 +148,15 @@ def computes_rms_norm(module: nn.Module) -> bool:
 
 def patch_rms_norms(model: nn.Module, mode: str) -> int:
     """Give every verified RMSNorm instance the fused forward (its class gets a subclass; isinstance holds)."""
-    verified: dict[type, bool] = {}
-    count = 0
-    for module in model.modules():
-        cls = type(module)
-        if not cls.__name__.endswith("RMSNorm") or cls in _PATCHED.values():
-            continue
-        if cls not in verified:
-            verified[cls] = computes_rms_norm(module)
-        if verified[cls]:
-            module.__class__ = _fused_class(cls)
-            module.automoe_kernels = mode
-            count += 1
-    return count
+    return swap_forwards(model, mode, _is_rms_norm, _fused_forward, _PATCHED)
 
 
-def _fused_class(cls: type) -> type:
-    if cls not in _PATCHED:
+def _is_rms_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and computes_rms_norm(module)
 
-        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-            return rms_norm(hidden_states, self.weight, _eps(self), self.automoe_kernels)
 
-        _PATCHED[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
-    return _PATCHED[cls]
+def _fused_forward(cls: type):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return rms_norm(hidden_states, self.weight, _eps(self), self.automoe_kernels)
+
+    return forward

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .select import triton_available, use_triton
+from .swap import swap_forwards
 
 NAME = "apply_rotary_pos_emb"
 
@@ -190,26 +191,20 @@ def _install(cls: type) -> bool:
     return True
 
 
-def _fused_class(cls: type) -> type:
-    if cls not in _FUSED:
+def _marking_forward(cls: type) -> Callable:
+    """cls.forward with this module's kernels mode in the contextvar the dispatcher reads."""
 
-        @functools.wraps(cls.forward)
-        def forward(self, *args, **kwargs):
-            token = _MODE.set(self.automoe_kernels)
-            try:
-                return cls.forward(self, *args, **kwargs)
-            finally:
-                _MODE.reset(token)
+    @functools.wraps(cls.forward)
+    def forward(self, *args, **kwargs):
+        token = _MODE.set(self.automoe_kernels)
+        try:
+            return cls.forward(self, *args, **kwargs)
+        finally:
+            _MODE.reset(token)
 
-        _FUSED[cls] = type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__})
-    return _FUSED[cls]
+    return forward
 
 
 def patch_rope(model: nn.Module, mode: str) -> int:
     """Route every verified attention module's RoPE through rope(); returns how many modules were patched."""
-    verified = {cls: _install(cls) for cls in {type(m) for m in model.modules()} - set(_FUSED.values())}
-    patched = [module for module in model.modules() if verified.get(type(module))]
-    for module in patched:
-        module.__class__ = _fused_class(type(module))
-        module.automoe_kernels = mode
-    return len(patched)
+    return swap_forwards(model, mode, lambda module: _install(type(module)), _marking_forward, _FUSED)
