@@ -15,14 +15,13 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 import transformers
 
 from automoe import AutoMoEForCausalLM
-from automoe.bench.measure import dense_matmul_tflops
+from automoe.bench.measure import dense_matmul_tflops, median_cuda_ms
 
 SHAPE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=4, head_dim=128, num_experts=128,
              num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144, vocab_size=1024,
@@ -45,20 +44,6 @@ def bare_grouped(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, offsets: t
     h = torch._grouped_mm(x, w1, offs=offsets)
     gate, up = h.chunk(2, dim=-1)
     return torch._grouped_mm(F.silu(gate) * up, w2, offs=offsets)
-
-
-def time_ms(fn, reps: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def fwd_bwd(module, x, grad):
@@ -93,7 +78,7 @@ def main() -> None:
         grad = torch.randn_like(x)
         row = {"tokens": tokens}
         for name, module in blocks.items():
-            row[name] = flops / (time_ms(fwd_bwd(module, x, grad)) * 1e-3) / 1e12
+            row[name] = flops / (median_cuda_ms(fwd_bwd(module, x, grad)) * 1e-3) / 1e12
             print(f"T={tokens} {name}: {row[name]:.0f} TFLOP/s", flush=True)  # Liger's autotune can run long
         # bare grouped_mm + SwiGLU on tokens already sorted into equal groups (no routing, permute or combine)
         w1 = (torch.randn(e, h, 2 * i, device="cuda") * 0.02).bfloat16().requires_grad_(True)
@@ -106,7 +91,7 @@ def main() -> None:
             xs.grad = w1.grad = w2.grad = None
             bare_grouped(xs, w1, w2, offsets).backward(gs)
 
-        row["bare grouped_mm + SwiGLU"] = flops / (time_ms(bare) * 1e-3) / 1e12
+        row["bare grouped_mm + SwiGLU"] = flops / (median_cuda_ms(bare) * 1e-3) / 1e12
         result["rows"].append(row)
     names = [n for n in result["rows"][0] if n != "tokens"]
     print(f"dense bf16 matmul: {dense:.0f} TFLOP/s ({result['device']})")

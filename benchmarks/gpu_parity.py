@@ -1,8 +1,11 @@
 """bf16 parity of automoe against HF (experts_implementation="eager") on the GPU, at real layer shapes.
 
 Usage: python benchmarks/gpu_parity.py [--out results.json]
-Prints, per family, the relative error of loss, logits and a sample of gradients, and the pass/fail
-against the bf16 tolerance (loss rel. error < 1e-2).
+Two bf16 MoE models differ by more than bf16 rounding wherever a near-tie in the router flips a token's
+expert, so each bf16 model is measured against the same weights run in fp32 HF: automoe passes when its
+loss is within 1e-2 of fp32 and its logits and gradients are no further from fp32 than HF's own bf16
+model is (x1.5 + 1e-3). Prints, per family, both models' relative errors of loss, logits and a sample
+of gradients.
 """
 
 from __future__ import annotations
@@ -39,41 +42,51 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+GRAD_KEYS = ("experts", "gate", "embed", "q_proj", "kv_a")
+SLACK, FLOOR = 1.5, 1e-3
+
+
+def run(model, ids: torch.Tensor):
+    model.train()
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None and any(k in n for k in GRAD_KEYS)}
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+def errors(run_out, ref_out) -> dict:
+    loss, logits, grads = run_out
+    ref_loss, ref_logits, ref_grads = ref_out
+    errs = sorted(rel(g, ref_grads[n]) for n, g in grads.items())
+    return {"loss": rel(loss, ref_loss), "logits": rel(logits, ref_logits), "grad_max": errs[-1],
+            "grad_median": errs[len(errs) // 2], "loss_value": loss.item()}
+
+
 def check(family: str, config, seq: int, device: str) -> dict:
     torch.manual_seed(0)
     # built straight on the device (a CPU build of these shapes takes minutes); automoe's swap runs after, since
     # its recogniser probes on CPU and must not run under a CUDA default device
     with torch.device(device):
-        ref = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, experts_implementation="eager")
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, experts_implementation="eager")
         ours = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        fp32 = AutoModelForCausalLM.from_config(config, dtype=torch.float32, experts_implementation="eager")
     ours = optimize_model(ours, AutoMoEOptions())
     with torch.no_grad():
-        for module in ref.modules():  # the e_score_correction_bias starts at zero; make it matter
+        for module in hf.modules():  # the e_score_correction_bias starts at zero; make it matter
             if hasattr(module, "e_score_correction_bias"):
                 module.e_score_correction_bias.normal_(0, 0.01)
-    ours.load_state_dict(ref.state_dict())
+    ours.load_state_dict(hf.state_dict())
+    fp32.load_state_dict(hf.state_dict())  # the bf16 weights, exactly
     assert any(isinstance(m, MoEBlock) for m in ours.modules())
     ids = torch.randint(0, config.vocab_size, (1, seq), device=device)
-    result = {"family": family, "seq": seq}
-    outs = []
-    for model in (ref, ours):
-        model.train()
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        outs.append(out)
-    result["loss_ref"], result["loss_automoe"] = outs[0].loss.item(), outs[1].loss.item()
-    result["loss_rel_err"] = rel(outs[1].loss, outs[0].loss)
-    result["logits_rel_err"] = rel(outs[1].logits, outs[0].logits)
-    ref_params = dict(ref.named_parameters())
-    grads = {
-        name: rel(p.grad, ref_params[name].grad)
-        for name, p in ours.named_parameters()
-        if ref_params[name].grad is not None and any(k in name for k in ("experts", "gate", "embed", "q_proj", "kv_a"))
-    }
-    result["grad_rel_err_max"] = max(grads.values())
-    result["grad_rel_err_median"] = sorted(grads.values())[len(grads) // 2]
-    result["pass"] = result["loss_rel_err"] < 1e-2
-    del ref, ours, outs
+    reference = run(fp32, ids)
+    del fp32
+    result = {"family": family, "seq": seq, "loss_fp32": reference[0].item()}
+    for name, model in (("hf_bf16", hf), ("automoe_bf16", ours)):
+        result[name] = errors(run(model, ids), reference)
+    a, h = result["automoe_bf16"], result["hf_bf16"]
+    result["pass"] = a["loss"] < 1e-2 and all(a[k] <= SLACK * h[k] + FLOOR for k in ("logits", "grad_median"))
+    del hf, ours, reference
     return result
 
 
@@ -87,12 +100,12 @@ def main() -> None:
     for family, config in SHAPES.items():
         r = check(family, config, args.seq, args.device)
         results.append(r)
-        print(
-            f"{r['family']:12s} seq {r['seq']}: loss {r['loss_ref']:.5f} vs {r['loss_automoe']:.5f} "
-            f"(rel {r['loss_rel_err']:.2e}), logits rel {r['logits_rel_err']:.2e}, "
-            f"grads rel max {r['grad_rel_err_max']:.2e} median {r['grad_rel_err_median']:.2e} "
-            f"-> {'PASS' if r['pass'] else 'FAIL'}", flush=True
-        )
+        print(f"{r['family']:12s} seq {r['seq']}: fp32 loss {r['loss_fp32']:.5f}; relative errors vs fp32 "
+              f"-> {'PASS' if r['pass'] else 'FAIL'}", flush=True)
+        for name in ("hf_bf16", "automoe_bf16"):
+            e = r[name]
+            print(f"  {name:13s} loss {e['loss']:.2e}  logits {e['logits']:.2e}  "
+                  f"grads median {e['grad_median']:.2e} max {e['grad_max']:.2e}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             device = torch.cuda.get_device_name() if args.device == "cuda" else args.device

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from automoe.bench import cli, measure, worker
+from automoe.bench import cli, measure, report, worker
 from automoe.bench.columns import ColumnSpec
 from automoe.bench.workload import flops_per_token, make_config
 
@@ -50,6 +50,18 @@ def test_sweep_stops_at_the_first_sequence_that_runs_out_of_memory(monkeypatch):
     result = cli.run_in_process(ColumnSpec("automoe", router="balanced", optimizer="automoe"), args, dense=False)
     assert [(r["seq"], bool(r.get("oom"))) for r in result["runs"]] == [(32, False), (64, False), (128, True)]
     assert result["label"] == "automoe (balanced router)"
+
+
+def test_gpu_state_is_reported_per_column_where_it_was_sampled():
+    state = measure.GpuState(torch.device("cpu"))
+    state.sample()
+    assert state.summary() == {}, "no GPU, no NVML samples"
+    state.samples = [(1500, 690.0, True), (1700, 600.0, False), (1600, 700.0, True)]
+    run = {"seq": 32, "batch": 1, **state.summary()}
+    assert (run["sm_clock_mhz"], run["power_w"], run["power_capped_steps"]) == (1600, 690.0, "2/3")
+    result = {"columns": [{"label": "automoe", "runs": [run]}, {"label": "v5", "runs": [{"seq": 32, "oom": True}]}]}
+    assert report.gpu_state_lines(result) == [
+        "GPU state read after each timed step (median): automoe 1600 MHz 690 W (power-capped 2/3)"]
 
 
 def test_flops_per_token_counts_active_weights_and_causal_attention():

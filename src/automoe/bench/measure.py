@@ -49,6 +49,46 @@ def _max_over_ranks(value: float, device: torch.device) -> float:
     return float(t.item())
 
 
+class GpuState:
+    """SM clock, board power and power-cap throttling, read through NVML after each timed step.
+
+    Why: at long sequences the H100 here holds its 700 W cap and clocks down to 1.5-1.7 GHz, so step times move by
+    a few percent with the GPU's power state (benchmarks/results/power_cap_seq32768_h100_2026-11-23.log); every
+    column reports the state it ran in. Empty where NVML (nvidia-ml-py) is not importable."""
+
+    SW_POWER_CAP = 0x4  # nvmlClocksThrottleReasonSwPowerCap
+
+    def __init__(self, device: torch.device) -> None:
+        self.samples: list[tuple[int, float, bool]] = []
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            uuid = torch.cuda.get_device_properties(device).uuid
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+            self.nvml = pynvml
+        except Exception:  # no NVML library or no matching device: the result simply has no GPU state
+            self.handle = None
+
+    def sample(self) -> None:
+        if self.handle is None:
+            return
+        nvml = self.nvml
+        reasons = nvml.nvmlDeviceGetCurrentClocksEventReasons(self.handle)
+        self.samples.append((nvml.nvmlDeviceGetClockInfo(self.handle, nvml.NVML_CLOCK_SM),
+                             nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000, bool(reasons & self.SW_POWER_CAP)))
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        clocks, watts, capped = zip(*self.samples, strict=True)
+        return {"sm_clock_mhz": statistics.median(clocks), "power_w": statistics.median(watts),
+                "power_capped_steps": f"{sum(capped)}/{len(capped)}"}
+
+
 def measure(model, optimizer, tokens: torch.Tensor, warmup: int, steps: int) -> dict:
     """Train `warmup + steps` steps on `tokens` (labels = tokens); medians over the last `steps`."""
     device = tokens.device
@@ -57,7 +97,8 @@ def measure(model, optimizer, tokens: torch.Tensor, warmup: int, steps: int) -> 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     phases, losses = [], []
-    for _ in range(warmup + steps):
+    gpu = GpuState(device)
+    for i in range(warmup + steps):
         clock = _Clock(device)
         clock.mark()
         loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
@@ -68,6 +109,8 @@ def measure(model, optimizer, tokens: torch.Tensor, warmup: int, steps: int) -> 
         optimizer.zero_grad(set_to_none=True)
         clock.mark()
         phases.append(clock.spans_ms())
+        if i >= warmup:
+            gpu.sample()
         losses.append(loss.detach().float())
         del loss
     timed = phases[warmup:]
@@ -79,6 +122,7 @@ def measure(model, optimizer, tokens: torch.Tensor, warmup: int, steps: int) -> 
         "step_ms": step, "fwd_loss_ms": fwd, "bwd_ms": bwd, "optimizer_ms": opt,
         "step_tps": n / step * 1e3, "fwd_bwd_tps": n / (fwd + bwd) * 1e3,
         "losses": [float(x) for x in torch.stack(losses).cpu()],
+        **gpu.summary(),
     }
     if device.type == "cuda":
         gc.collect()
@@ -100,19 +144,24 @@ def release(optimizer) -> None:
         torch.cuda.empty_cache()
 
 
+def median_cuda_ms(fn, reps: int = 20, warmup: int = 5) -> float:
+    """Median GPU time of `fn()` over `reps` calls after `warmup`, each between two events and a sync."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        clock = _Clock(torch.device("cuda"))
+        clock.mark()
+        fn()
+        clock.mark()
+        times.append(clock.spans_ms()[0])
+    return statistics.median(times)
+
+
 def dense_matmul_tflops(device: torch.device, size: int = 8192, reps: int = 20) -> float:
     """bf16 [size x size] @ [size x size] on random data, median of `reps` timed products."""
     if device.type != "cuda":
         return float("nan")
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
     b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(reps):
-        clock = _Clock(device)
-        clock.mark()
-        a @ b
-        clock.mark()
-        times.append(clock.spans_ms()[0])
-    return 2 * size**3 / (statistics.median(times) * 1e-3) / 1e12
+    return 2 * size**3 / (median_cuda_ms(lambda: a @ b, reps=reps, warmup=3) * 1e-3) / 1e12

@@ -54,7 +54,7 @@ def table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    lines += ["", *ratios(result), "", *sweep_lines(result)]
+    lines += ["", *ratios(result), *gpu_state_lines(result), "", *sweep_lines(result)]
     return "\n".join(lines)
 
 
@@ -79,6 +79,13 @@ def ratios(result: dict) -> list[str]:
                 line += "; sweep " + ", ".join(f"{s}: x{x:.2f}" for s, x in sweep)
             lines.append(line)
     return lines
+
+
+def gpu_state_lines(result: dict) -> list[str]:
+    """The GPU's clock and power during each column's timed steps at the main seq (power-capped steps differ)."""
+    cells = [f"{c['label']} {r['sm_clock_mhz']:.0f} MHz {r['power_w']:.0f} W (power-capped {r['power_capped_steps']})"
+             for c in result["columns"] if (r := main_run(c)) and "sm_clock_mhz" in r]
+    return ["GPU state read after each timed step (median): " + "; ".join(cells)] if cells else []
 
 
 def sweep_lines(result: dict) -> list[str]:
