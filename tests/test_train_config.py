@@ -26,6 +26,15 @@ def test_dotted_overrides_are_typed():
     assert recipe.model.config["num_experts"] == 4 and recipe.model.config["model_type"] == "qwen3_moe"
 
 
+def test_a_flow_mapping_without_a_space_is_named_with_its_fix():
+    with pytest.raises(RecipeError, match=r"--distributed: YAML reads 'ep_size:2' as one key.*\{ep_size: 2\}"):
+        parse_overrides(["--distributed", "{ep_size:2}"])
+    with pytest.raises(RecipeError, match=r"--model.config: YAML reads 'num_experts:4'"):
+        parse_overrides(["--model.config", "{model_type: qwen3_moe, num_experts:4}"])
+    assert parse_overrides(["--data.train", "automoe:strings_train.jsonl"]) == [
+        ("data.train", "automoe:strings_train.jsonl")], "a colon inside a plain string is a value, not a key"
+
+
 @pytest.mark.parametrize(
     "yaml_text, message",
     [

@@ -236,8 +236,22 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
                 raise RecipeError(f"override {arg} needs a value, e.g. {arg} 10")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        pairs.append((key, yaml.safe_load(raw) if raw != "" else ""))
+        value = yaml.safe_load(raw) if raw != "" else ""
+        _check_flow_keys(key, value)
+        pairs.append((key, value))
     return pairs
+
+
+def _check_flow_keys(key: str, value: Any) -> None:
+    """YAML reads `{ep_size:2}` as the one key 'ep_size:2' with no value (a flow mapping needs a space after the
+    colon); say that, rather than let it surface later as an unknown key."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if isinstance(k, str) and ":" in k and v is None:
+            name, _, rest = k.partition(":")
+            raise RecipeError(f"override --{key}: YAML reads {k!r} as one key with no value; put a space after "
+                              f"the colon: {{{name}: {rest}}}")
+        _check_flow_keys(key, v)
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[tuple[str, Any]] = ()) -> Recipe:
