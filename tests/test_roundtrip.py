@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,3 +87,45 @@ def test_hf_loading_keywords_pass_through(tmp_path):
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
     ids = torch.randint(0, ours.config.vocab_size, (1, 8))
     assert torch.isfinite(ours(input_ids=ids, labels=ids).loss)
+
+
+def runtime_classes(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Module name -> (class name, the names of what built it) for every module whose class automoe built."""
+    return {name: (type(m).__name__, *(a if isinstance(a, str) else a.__name__ for a in type(m).automoe_built_by[1]))
+            for name, m in model.named_modules() if hasattr(type(m), "automoe_built_by")}
+
+
+def test_whole_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    """torch.save(model) of an automoe model (MoE blocks of run-time HF-compatible classes, kernel-swapped norms
+    and attention): loaded in this process and in a fresh one (where automoe built nothing yet), it has the same
+    modules and computes the same logits. Saved before any forward, as with plain transformers, whose
+    output-capturing hooks (installed by the first forward) do not pickle."""
+    torch.manual_seed(0)
+    model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    built = runtime_classes(model)
+    builders = {arg for entry in built.values() for arg in entry[1:]}
+    assert {"automoe.kernels.rmsnorm", "automoe.kernels.rope", "MoEBlock", "Qwen3MoeSparseMoeBlock"} <= builders
+    torch.save(model, tmp_path / "model.pt")
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert runtime_classes(again) == built
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, want)
+
+    script = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_roundtrip import runtime_classes\n"
+        f"m = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False).eval()\n"
+        f"ids = torch.load({str(tmp_path / 'ids.pt')!r})\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m(input_ids=ids).logits, {str(tmp_path / 'logits.pt')!r})\n"
+        f"torch.save(runtime_classes(m), {str(tmp_path / 'built.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    assert torch.load(tmp_path / "built.pt") == built
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), want)

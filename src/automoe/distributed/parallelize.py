@@ -25,6 +25,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..moe.block import MoEBlock
+from ..runtime_classes import built_by
 from .dispatch import AllToAllDispatcher
 from .setup import DistributedSetup
 
@@ -98,7 +99,8 @@ _LOCAL_CLASSES: dict[type, type] = {}
 
 def _local_shard_class(cls: type) -> type:
     if cls not in _LOCAL_CLASSES:
-        _LOCAL_CLASSES[cls] = type(f"EP{cls.__name__}", (LocalShardExperts, cls), {"__module__": cls.__module__})
+        attrs = {"__module__": cls.__module__, **built_by(_local_shard_class, cls)}
+        _LOCAL_CLASSES[cls] = type(f"EP{cls.__name__}", (LocalShardExperts, cls), attrs)
     return _LOCAL_CLASSES[cls]
 
 

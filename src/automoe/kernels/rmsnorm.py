@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .select import triton_available, use_triton
-from .swap import swap_forwards
+from .swap import ForwardSwap
 
 if triton_available():
     import triton
@@ -117,9 +117,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str) -> to
     return RMSNormFunction.apply(x, weight, eps, mode)
 
 
-_PATCHED: dict[type, type] = {}
-
-
 def _eps(module: nn.Module) -> float | None:
     for name in ("variance_epsilon", "eps", "epsilon"):
         value = getattr(module, name, None)
@@ -148,7 +145,7 @@ def computes_rms_norm(module: nn.Module) -> bool:
 
 def patch_rms_norms(model: nn.Module, mode: str) -> int:
     """Give every verified RMSNorm instance the fused forward (its class gets a subclass; isinstance holds)."""
-    return swap_forwards(model, mode, _is_rms_norm, _fused_forward, _PATCHED)
+    return _SWAP.apply(model, mode)
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -160,3 +157,6 @@ def _fused_forward(cls: type):
         return rms_norm(hidden_states, self.weight, _eps(self), self.automoe_kernels)
 
     return forward
+
+
+_SWAP = ForwardSwap(__name__, _is_rms_norm, _fused_forward)

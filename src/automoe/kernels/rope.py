@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .select import triton_available, use_triton
-from .swap import swap_forwards
+from .swap import ForwardSwap
 
 NAME = "apply_rotary_pos_emb"
 
@@ -132,7 +132,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 _MODE: ContextVar[str | None] = ContextVar("automoe_rope_mode", default=None)
-_FUSED: dict[type, type] = {}
 
 
 def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -192,7 +191,9 @@ def _install(cls: type) -> bool:
 
 
 def _marking_forward(cls: type) -> Callable:
-    """cls.forward with this module's kernels mode in the contextvar the dispatcher reads."""
+    """cls.forward with this module's kernels mode in the contextvar the dispatcher reads (the dispatcher is
+    installed here too: a model unpickled in a fresh process builds its subclasses through this alone)."""
+    _install(cls)
 
     @functools.wraps(cls.forward)
     def forward(self, *args, **kwargs):
@@ -207,4 +208,11 @@ def _marking_forward(cls: type) -> Callable:
 
 def patch_rope(model: nn.Module, mode: str) -> int:
     """Route every verified attention module's RoPE through rope(); returns how many modules were patched."""
-    return swap_forwards(model, mode, lambda module: _install(type(module)), _marking_forward, _FUSED)
+    return _SWAP.apply(model, mode)
+
+
+def _accepts(module: nn.Module) -> bool:
+    return _install(type(module))
+
+
+_SWAP = ForwardSwap(__name__, _accepts, _marking_forward)

@@ -17,6 +17,7 @@ equal then. NaN logits rank above everything, as in torch.topk, so every id stay
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -145,9 +146,6 @@ def fused_route(logits: torch.Tensor, spec: RouterSpec, mode: str) -> tuple[torc
 
 
 def fused_route_fn(mode: str) -> Callable[[torch.Tensor, RouterSpec], tuple[torch.Tensor, torch.Tensor]]:
-    """What Router.forward calls instead of `route` (set by apply_kernels on routers the kernel covers)."""
-
-    def run(logits: torch.Tensor, spec: RouterSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        return fused_route(logits, spec, mode)
-
-    return run
+    """What Router.forward calls instead of `route` (set by apply_kernels on routers the kernel covers); a
+    partial, not a closure, so the model still pickles."""
+    return functools.partial(fused_route, mode=mode)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..runtime_classes import built_by
+
 _HF_SUBCLASSES: dict[tuple[type, type], type] = {}
 
 
@@ -37,6 +39,6 @@ def hf_compatible_class(automoe_cls: type[nn.Module], hf_cls: type[nn.Module]) -
         _HF_SUBCLASSES[key] = type(
             f"{automoe_cls.__name__}As{hf_cls.__name__}",
             (automoe_cls, hf_cls),
-            {"__module__": automoe_cls.__module__},
+            {"__module__": automoe_cls.__module__, **built_by(hf_compatible_class, automoe_cls, hf_cls)},
         )
     return _HF_SUBCLASSES[key]
