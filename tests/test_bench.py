@@ -64,6 +64,16 @@ def test_gpu_state_is_reported_per_column_where_it_was_sampled():
         "GPU state read after each timed step (median): automoe 1600 MHz 690 W (power-capped 2/3)"]
 
 
+def test_a_failing_column_is_reported_with_its_last_line_and_its_output(capfd):
+    args = cli.parse(["--workload", "tiny", "--layers", "1", "--seq", "16", "--steps", "1", "--warmup", "0",
+                      "--device", "cpu"])
+    args.workload = "llama"  # past the parser: the column's own process fails on it
+    result = cli.run_subprocess(ColumnSpec("automoe", optimizer="automoe"), args, dense=False)
+    assert result["runs"] == [] and result["error"].startswith("exit 1: ")
+    assert "unknown workload 'llama'" in result["error"], result["error"]
+    assert "Traceback" in capfd.readouterr().err, "the column's output reaches the terminal"
+
+
 def test_flops_per_token_counts_active_weights_and_causal_attention():
     config = make_config("qwen3-30b-a3b-l8")
     h, i, e, k, layers, vocab = 2048, 768, 128, 8, 8, 151936

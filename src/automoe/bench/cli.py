@@ -74,12 +74,16 @@ def run_subprocess(spec: ColumnSpec, args: argparse.Namespace, dense: bool) -> d
         out = Path(tmp) / "column.json"
         cmd = [sys.executable, "-m", "automoe.bench.worker", "--column", spec.name, "--optimizer", spec.optimizer,
                "--args", json.dumps(worker_args(args, dense)), "--out", str(out)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        sys.stderr.write(proc.stdout[-4000:])
+        # the column's lines are passed on as they come: a run cut short (a time box, a hang in a peer's
+        # autotuning) still shows every sequence the column measured
+        last = "no output"
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            for line in proc.stdout:
+                sys.stderr.write(line)
+                sys.stderr.flush()
+                last = line.strip() or last
         if proc.returncode != 0 or not out.exists():
-            tail = proc.stdout.strip().splitlines()[-1:] or ["no output"]
-            return {"column": spec.name, "label": spec.label, "runs": [],
-                    "error": f"exit {proc.returncode}: {tail[0]}"}
+            return {"column": spec.name, "label": spec.label, "runs": [], "error": f"exit {proc.returncode}: {last}"}
         return json.loads(out.read_text())
 
 
