@@ -29,7 +29,7 @@ class ForwardSwap:
 
     def subclass(self, cls: type) -> type:
         if cls not in self.subclasses:
-            attrs = {"forward": self.forward_for(cls), "__module__": cls.__module__, "automoe_swapped": cls,
+            attrs = {"forward": self.forward_for(cls), "__module__": cls.__module__,
                      **built_by(swapped_class, self.owner, cls)}
             self.subclasses[cls] = type(cls.__name__, (cls,), attrs)
         return self.subclasses[cls]
