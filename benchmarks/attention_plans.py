@@ -28,6 +28,15 @@ def time_plans(graph, pack: dict, handle, label: str, flops: float) -> None:
         print(f"  cuDNN frontend {label} plan {i}: {ms:.2f} ms ({flops / ms / 1e9:.0f} TFLOP/s)", flush=True)
 
 
+def build_all_plans(graph, cudnn) -> None:
+    """Every execution plan cuDNN's heuristics (A, B and the fallback list) offer for the graph, built."""
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans(cudnn.build_plan_policy.ALL)
+
+
 def frontend_plans(q, k, v, o, d_o, scale: float, flops_fwd: float) -> None:
     import cudnn
 
@@ -35,7 +44,6 @@ def frontend_plans(q, k, v, o, d_o, scale: float, flops_fwd: float) -> None:
     cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream().cuda_stream)
     types = dict(io_data_type=cudnn.data_type.BFLOAT16, intermediate_data_type=cudnn.data_type.FLOAT,
                  compute_data_type=cudnn.data_type.FLOAT, handle=handle)
-    modes = [cudnn.heur_mode.A, cudnn.heur_mode.B, cudnn.heur_mode.FALLBACK]
     stats = torch.empty(q.shape[0], q.shape[1], q.shape[2], 1, device="cuda", dtype=torch.float32)
     out = torch.empty_like(q)
 
@@ -44,9 +52,7 @@ def frontend_plans(q, k, v, o, d_o, scale: float, flops_fwd: float) -> None:
     to, ts = fwd.sdpa(name="sdpa", q=tq, k=tk, v=tv, generate_stats=True, attn_scale=scale, use_causal_mask=True)
     to.set_output(True).set_dim(out.size()).set_stride(out.stride())
     ts.set_output(True).set_dim(stats.size()).set_stride(stats.stride()).set_data_type(cudnn.data_type.FLOAT)
-    for step in (fwd.validate, fwd.build_operation_graph, lambda: fwd.create_execution_plans(modes),
-                 fwd.check_support, lambda: fwd.build_plans(cudnn.build_plan_policy.ALL)):
-        step()
+    build_all_plans(fwd, cudnn)
     time_plans(fwd, {tq: q, tk: k, tv: v, to: out, ts: stats}, handle, "forward", flops_fwd)
     print(f"  forward output max |diff| vs torch: {(out - o).abs().max().item():.3g}", flush=True)
 
@@ -57,9 +63,7 @@ def frontend_plans(q, k, v, o, d_o, scale: float, flops_fwd: float) -> None:
                                    use_causal_mask=True)
     for t, like in ((rq, dq), (rk, dk), (rv, dv)):
         t.set_output(True).set_dim(like.size()).set_stride(like.stride())
-    for step in (bwd.validate, bwd.build_operation_graph, lambda: bwd.create_execution_plans(modes),
-                 bwd.check_support, lambda: bwd.build_plans(cudnn.build_plan_policy.ALL)):
-        step()
+    build_all_plans(bwd, cudnn)
     pack = {bq: q, bk: k, bv: v, bo: out, bdo: d_o, bs: stats, rq: dq, rk: dk, rv: dv}
     time_plans(bwd, pack, handle, "backward", 2.5 * flops_fwd)
 

@@ -14,7 +14,7 @@ import pynvml
 import torch
 
 from automoe.bench.columns import ColumnSpec, build_model, build_optimizer
-from automoe.bench.measure import tokens_for
+from automoe.bench.measure import tokens_for, train_step
 from automoe.bench.workload import make_config
 
 
@@ -46,9 +46,7 @@ def main() -> None:
     def step() -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, tokens)
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end)

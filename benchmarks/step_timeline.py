@@ -19,18 +19,12 @@ from pathlib import Path
 import torch
 
 from automoe.bench.columns import ColumnSpec, build_model, build_optimizer
-from automoe.bench.measure import GIB, measure, tokens_for
+from automoe.bench.measure import GIB, measure, tokens_for, train_step
 from automoe.bench.workload import make_config
 
 GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 BLOCKING_CALLS = ("Synchronize", "cudaMalloc", "cudaFree", "Memcpy", "cuMemMap", "cuMemCreate", "cuMemUnmap",
                   "cuMemRelease", "cuMemAddressReserve", "cuModuleLoad")
-
-
-def train_step(model, optimizer, tokens: torch.Tensor) -> None:
-    model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def trace_step(model, optimizer, tokens: torch.Tensor, path: Path) -> dict:
@@ -68,44 +62,44 @@ def analyse(trace: dict, min_gap_us: float) -> dict:
             cpu_by_tid[e["tid"]].append(e)
     cpu = {tid: CpuOps(ops) for tid, ops in cpu_by_tid.items()}
 
+    def launch_of(kernel: dict) -> tuple[dict | None, list[str]]:
+        """The runtime call that launched `kernel`, and the CPU ops running when it did."""
+        launch = launches.get(kernel["args"].get("correlation"))
+        stack = cpu[launch["tid"]].stack_at(launch["ts"]) if launch and launch["tid"] in cpu else []
+        return launch, stack
+
     busy_end, gaps, busy = gpu[0]["ts"], [], 0.0
     for prev, e in zip([None] + gpu[:-1], gpu, strict=True):
         start, end = e["ts"], e["ts"] + e["dur"]
         if start > busy_end and prev is not None and start - busy_end >= min_gap_us:
-            launch = launches.get(e["args"].get("correlation"))
-            stack = cpu[launch["tid"]].stack_at(launch["ts"]) if launch and launch["tid"] in cpu else []
+            launch, stack = launch_of(e)
             gaps.append({"gap_us": start - busy_end, "after": prev["name"][:80], "before": e["name"][:80],
                          "launched_from": stack[-4:], "launch_call": launch["name"] if launch else None})
         busy += max(0.0, end - max(start, busy_end))
         busy_end = max(busy_end, end)
     span = busy_end - gpu[0]["ts"]
-    by_op: dict = defaultdict(lambda: [0, 0.0])
-    for g in gaps:
-        key = " > ".join(g["launched_from"][-2:]) or "(no cpu op)"
-        by_op[key][0] += 1
-        by_op[key][1] += g["gap_us"]
-    by_kernel: dict = defaultdict(lambda: [0, 0.0])
-    for e in gpu:
-        if e["dur"] >= 50:
-            launch = launches.get(e["args"].get("correlation"))
-            stack = cpu[launch["tid"]].stack_at(launch["ts"]) if launch and launch["tid"] in cpu else []
-            key = f'{e["name"][:60]} <- {" > ".join(stack[-2:])}'
-            by_kernel[key][0] += 1
-            by_kernel[key][1] += e["dur"]
-    blocking: dict = defaultdict(lambda: [0, 0.0])
-    for e in events:
-        if e.get("cat") in ("cuda_runtime", "cuda_driver") and any(b in e["name"] for b in BLOCKING_CALLS):
-            blocking[e["name"]][0] += 1
-            blocking[e["name"]][1] += e["dur"]
+    by_op = _tally((" > ".join(g["launched_from"][-2:]) or "(no cpu op)", g["gap_us"]) for g in gaps)
+    by_kernel = _tally((f'{e["name"][:60]} <- {" > ".join(launch_of(e)[1][-2:])}', e["dur"])
+                       for e in gpu if e["dur"] >= 50)
+    calls = (e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver"))
+    blocking = _tally((e["name"], e["dur"]) for e in calls if any(b in e["name"] for b in BLOCKING_CALLS))
     return {
         "gpu_span_ms": span / 1e3, "gpu_busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3,
         "gaps_over_min_ms": sum(g["gap_us"] for g in gaps) / 1e3, "num_gaps_over_min": len(gaps),
-        "gaps_by_launching_op": sorted(([k, n, us / 1e3] for k, (n, us) in by_op.items()), key=lambda r: -r[2])[:25],
+        "gaps_by_launching_op": by_op[:25],
         "largest_gaps": sorted(gaps, key=lambda g: -g["gap_us"])[:25],
-        "kernels_by_launching_op": sorted(([k, n, us / 1e3] for k, (n, us) in by_kernel.items()),
-                                          key=lambda r: -r[2])[:60],
-        "blocking_calls": sorted(([k, n, us / 1e3] for k, (n, us) in blocking.items()), key=lambda r: -r[2]),
+        "kernels_by_launching_op": by_kernel[:60],
+        "blocking_calls": blocking,
     }
+
+
+def _tally(items) -> list[list]:
+    """(key, microseconds) pairs -> [key, count, milliseconds] rows, largest total first."""
+    totals: dict = defaultdict(lambda: [0, 0.0])
+    for key, us in items:
+        totals[key][0] += 1
+        totals[key][1] += us
+    return sorted(([k, n, us / 1e3] for k, (n, us) in totals.items()), key=lambda r: -r[2])
 
 
 def allocator_stats() -> dict:

@@ -71,7 +71,7 @@ class GpuState:
             self.handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
             self.nvml = pynvml
         except Exception:  # no NVML library or no matching device: the result simply has no GPU state
-            self.handle = None
+            pass
 
     def sample(self) -> None:
         if self.handle is None:
@@ -87,6 +87,13 @@ class GpuState:
         clocks, watts, capped = zip(*self.samples, strict=True)
         return {"sm_clock_mhz": statistics.median(clocks), "power_w": statistics.median(watts),
                 "power_capped_steps": f"{sum(capped)}/{len(capped)}"}
+
+
+def train_step(model, optimizer, tokens: torch.Tensor) -> None:
+    """One step as the bench trains it (labels = tokens), for the profiled and traced steps outside `measure`."""
+    model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def measure(model, optimizer, tokens: torch.Tensor, warmup: int, steps: int) -> dict:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .columns import ColumnSpec, build_model, build_optimizer
-from .measure import dense_matmul_tflops, is_oom, measure, release, tokens_for
+from .measure import dense_matmul_tflops, is_oom, measure, release, tokens_for, train_step
 from .workload import make_config
 
 
@@ -29,9 +29,7 @@ def profile_step(model, optimizer, tokens: torch.Tensor, path: str) -> None:
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if tokens.is_cuda else [])
     with profile(activities=activities) as prof:
-        model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, tokens)
         if tokens.is_cuda:
             torch.cuda.synchronize()
     sort = "cuda_time_total" if tokens.is_cuda else "cpu_time_total"

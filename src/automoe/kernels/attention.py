@@ -31,15 +31,19 @@ def automoe_sdpa_forward(module, query, key, value, attention_mask, **kwargs):
 
 
 def register() -> None:
-    """Add the name to transformers' registries (new entries only; no existing model's path changes)."""
+    """Add the name to transformers' registries (new entries only; no existing model's path changes). Run on
+    import, so the name an automoe model's config carries is known wherever automoe is imported, as by
+    torch.load of a pickled model in a process that never built one."""
     AttentionInterface.register(NAME, automoe_sdpa_forward)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+register()
 
 
 def patch_attention(model: torch.nn.Module) -> bool:
     """Move a model that runs HF's `sdpa` onto automoe_sdpa; any other choice the user made is kept."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
-    register()
     model.set_attn_implementation(NAME)
     return model.config._attn_implementation == NAME
