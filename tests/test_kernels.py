@@ -3,6 +3,8 @@ plain transformers. The Triton paths are held to the same references in test_ker
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tiny_configs import make_config
@@ -314,10 +316,12 @@ def test_adamw_matches_torch_adamw_over_steps():
 
 
 def test_adamw_in_backward_gives_the_same_update_and_frees_grads():
+    # The reference is the same automoe model stepped by torch's AdamW after backward: both see bit-identical
+    # gradients, so only the optimizer differs (an HF reference would add the models' fp32 rounding
+    # differences, which Adam's normalisation amplifies on near-zero gradients).
     torch.manual_seed(0)
-    ref = AutoModelForCausalLM.from_config(make_config("qwen3_moe"))
     ours = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"))
-    ours.load_state_dict(ref.state_dict())
+    ref = copy.deepcopy(ours)
     kw = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
     opt = AdamW(ours.parameters(), kernels="torch", in_backward=True, **kw)
     ref_opt = torch.optim.AdamW(ref.parameters(), foreach=False, **kw)
@@ -331,7 +335,7 @@ def test_adamw_in_backward_gives_the_same_update_and_frees_grads():
         opt.step()
     ref_params = dict(ref.named_parameters())
     for name, param in ours.named_parameters():
-        assert rel(param, ref_params[name]) < 1e-5, name
+        assert rel(param, ref_params[name]) < 1e-6, name
 
 
 def test_bad_kernel_choices_say_how_to_fix():
