@@ -11,13 +11,6 @@ from automoe import DistributedSetup, create_distributed_setup_from_config
 from automoe.distributed.parallelize import checkpoint_function
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_unknown_key_is_named():
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['ep_sise'\]"):
         create_distributed_setup_from_config({"ep_sise": 2})

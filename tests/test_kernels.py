@@ -15,7 +15,7 @@ from automoe import AutoMoEForCausalLM
 from automoe.kernels import AdamW, apply_kernels, cross_entropy, moe, rmsnorm, rope, swiglu
 from automoe.kernels.router import fused_route
 from automoe.kernels.select import use_triton
-from automoe.moe.dispatch import LocalDispatcher
+from automoe.moe.dispatch import LocalDispatcher, expert_rows
 from automoe.moe.experts import Experts
 from automoe.moe.router import Router
 from automoe.moe.spec import ExpertsSpec, RouterSpec
@@ -58,16 +58,19 @@ def test_weighted_activation_backward_matches_autograd(name):
 
 def composed(experts: Experts, x, ids, weights):
     """The core's dispatch -> experts -> combine, autograd all the way: the reference of RoutedExperts."""
-    dispatcher = LocalDispatcher(experts.spec.num_experts)
-    d = dispatcher.dispatch(x, ids, weights)
-    return dispatcher.combine(experts(d.tokens, d.counts, d.row_expert), d)
+    return LocalDispatcher(experts.spec.num_experts)(x, ids, weights, experts)[0]
+
+
+def fused(experts: Experts, x, ids, weights, mode="torch"):
+    """The same through the fused Function."""
+    return moe.routed_experts(experts, x, expert_rows(ids, weights, experts.spec.num_experts, ids.numel()), mode)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("recompute", [False, True])
 def test_routed_experts_match_composed_path(name, recompute, monkeypatch):
     if recompute:
-        monkeypatch.setattr(moe, "RECOMPUTE_ABOVE_TOKENS", 0)
+        monkeypatch.setattr(moe, "RECOMPUTE_ABOVE_ROWS", 0)
     spec = SPECS[name]
     experts = make_experts(spec)
     tokens, top_k = 24, 3
@@ -79,7 +82,7 @@ def test_routed_experts_match_composed_path(name, recompute, monkeypatch):
     ref = composed(experts, x, ids, weights)
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (x, weights, experts.gate_up_proj, experts.down_proj), grad)
-    out = moe.routed_experts(x, ids, weights, experts, "torch")
+    out = fused(experts, x, ids, weights)
     grads = torch.autograd.grad(out, (x, weights, experts.gate_up_proj, experts.down_proj), grad)
     assert rel(out, ref) < 1e-5
     for got, want in zip(grads, ref_grads, strict=True):
@@ -285,7 +288,7 @@ def test_building_under_a_device_context_patches_everything(device):
         model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"fused_loss": True})
     assert model.config._attn_implementation == "automoe_sdpa"
     assert type(model.model.norm) is not type(model.model.norm).__mro__[1], "RMSNorm patched"
-    assert all(b.fused_routed is not None for b in model.modules() if hasattr(b, "fused_routed"))
+    assert all(e.fused_forward is not None for e in model.modules() if isinstance(e, Experts))
     assert "forward" in vars(model), "fused loss forward on this instance"
 
 
@@ -293,7 +296,7 @@ def test_kernels_off_leaves_norms_and_attention_plain():
     model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"kernels": "off"})
     assert model.config._attn_implementation == "sdpa"
     assert type(model.model.norm).__mro__[1] is nn.Module
-    assert all(block.fused_routed is None for block in model.modules() if hasattr(block, "fused_routed"))
+    assert all(e.fused_forward is None for e in model.modules() if isinstance(e, Experts))
 
 
 def test_adamw_matches_torch_adamw_over_steps():
@@ -351,7 +354,7 @@ def test_bad_kernel_choices_say_how_to_fix():
 @pytest.mark.parametrize("recompute", [False, True])
 def test_routed_experts_with_gpt_oss_biases_match_composed_path(recompute, monkeypatch):
     if recompute:
-        monkeypatch.setattr(moe, "RECOMPUTE_ABOVE_TOKENS", 0)
+        monkeypatch.setattr(moe, "RECOMPUTE_ABOVE_ROWS", 0)
     torch.manual_seed(0)
     spec = ExpertsSpec(num_experts=6, hidden_size=20, intermediate_size=8, activation="clamped_swiglu",
                        interleaved=True, transposed=True, has_bias=True, swiglu_limit=1.0)
@@ -367,7 +370,7 @@ def test_routed_experts_with_gpt_oss_biases_match_composed_path(recompute, monke
     ref = composed(experts, x, ids, weights)
     grad = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, params, grad)
-    out = moe.routed_experts(x, ids, weights, experts, "torch")
+    out = fused(experts, x, ids, weights)
     assert rel(out, ref) < 1e-5
     for got, want in zip(torch.autograd.grad(out, params, grad), ref_grads, strict=True):
         assert got.shape == want.shape and rel(got, want) < 1e-5
@@ -375,5 +378,5 @@ def test_routed_experts_with_gpt_oss_biases_match_composed_path(recompute, monke
 
 def test_gpt_oss_blocks_take_the_fused_routed_path():
     model = AutoMoEForCausalLM.from_config(make_config("gpt_oss"))
-    blocks = [m for m in model.modules() if hasattr(m, "fused_routed")]
-    assert blocks and all(b.spec.experts.has_bias and b.fused_routed is not None for b in blocks)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert experts and all(e.spec.has_bias and e.fused_forward is not None for e in experts)

@@ -14,6 +14,7 @@ from torch import nn
 from automoe.kernels import AdamW, combine, cross_entropy, moe, rmsnorm, rope, swiglu
 from automoe.kernels.router import fused_route
 from automoe.kernels.select import interpreting, triton_available
+from automoe.moe.dispatch import LocalDispatcher, expert_rows
 from automoe.moe.experts import Experts
 from automoe.moe.router import route
 from automoe.moe.spec import ExpertsSpec, RouterSpec
@@ -58,7 +59,7 @@ def test_routed_experts_triton_match_fp32_reference():
     x = randn(300, hid).requires_grad_(True)
     ids = torch.randn(300, e, device=DEVICE).topk(2, dim=-1).indices
     weights = torch.rand(300, 2, device=DEVICE, requires_grad=True)
-    out = moe.routed_experts(x, ids, weights, experts, "triton")
+    out = moe.routed_experts(experts, x, expert_rows(ids, weights, e, ids.numel()), "triton")
     grad = torch.randn_like(out)
     params = (x, weights, experts.gate_up_proj, experts.down_proj)
     got = (out, *torch.autograd.grad(out, params, grad))
@@ -66,7 +67,7 @@ def test_routed_experts_triton_match_fp32_reference():
     ref_experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach().float())
     ref_experts.down_proj = nn.Parameter(experts.down_proj.detach().float())
     xf = x.detach().float().requires_grad_(True)
-    ref = moe.routed_experts(xf, ids, weights, ref_experts, "torch")
+    ref = moe.routed_experts(ref_experts, xf, expert_rows(ids, weights, e, ids.numel()), "torch")
     want = (ref, *torch.autograd.grad(ref, (xf, weights, ref_experts.gate_up_proj, ref_experts.down_proj),
                                       grad.float()))
     for a, b in zip(got, want, strict=True):
@@ -327,8 +328,6 @@ def test_clamped_swiglu_forward_backward(with_bias, interleaved):
 
 
 def test_routed_experts_gpt_oss_match_reference():
-    from automoe.moe.dispatch import LocalDispatcher
-
     torch.manual_seed(0)
     e, hid, inter = GPT_OSS.num_experts, GPT_OSS.hidden_size, GPT_OSS.intermediate_size
     tensors = {"gate_up_proj": randn(e, hid, 2 * inter, scale=0.5), "down_proj": randn(e, inter, hid, scale=0.2),
@@ -349,11 +348,8 @@ def test_routed_experts_gpt_oss_match_reference():
         xs = x.detach().to(dtype).requires_grad_(True)
         ws = weights.detach().to(dtype).requires_grad_(True)
         if path != "composed":
-            out = moe.routed_experts(xs, ids, ws, experts, path)
-        else:
-            dispatcher = LocalDispatcher(e)
-            d = dispatcher.dispatch(xs, ids, ws)
-            out = dispatcher.combine(experts(d.tokens, d.counts, d.row_expert), d)
+            experts.fused_forward = moe.fused_experts_fn(path)
+        out = LocalDispatcher(e)(xs, ids, ws, experts)[0]
         return (out, *torch.autograd.grad(out, (xs, ws, *experts.parameters()), grad.to(out.dtype)))
 
     # In bf16 an fp32 reference decides some clamps differently (h within a rounding of the limit), which moves
@@ -365,11 +361,15 @@ def test_routed_experts_gpt_oss_match_reference():
 
 
 @pytest.mark.parametrize("top_k, hidden", [(2, 64), (8, 2048), (3, 100)])
-def test_unpermute_sum_kernel(top_k, hidden):
+def test_gather_sum_kernel(top_k, hidden):
+    """Tokens with 0 .. top_k rows each (as under expert parallelism), rows in a random order."""
     tokens = 37
-    rows = randn(tokens * top_k, hidden)
-    order = torch.randperm(tokens * top_k, device=DEVICE)
-    got = combine.unpermute_sum(rows, order, tokens, top_k, "triton")
-    want = combine.unpermute_sum(rows.float(), order, tokens, top_k, "torch")
+    per_token = torch.randint(0, top_k + 1, (tokens,), device=DEVICE)
+    token_ptr = torch.cat([per_token.new_zeros(1), per_token.cumsum(0)])
+    num_rows = int(token_ptr[-1])
+    rows = randn(num_rows, hidden)
+    token_rows = torch.randperm(num_rows, device=DEVICE)
+    got = combine.gather_sum(rows, token_rows, token_ptr, "triton")
+    want = combine.gather_sum(rows.float(), token_rows, token_ptr, "torch")
     assert got.dtype == rows.dtype and got.shape == (tokens, hidden)
     assert rel(got, want) < TOL

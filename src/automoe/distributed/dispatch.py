@@ -1,9 +1,12 @@
-"""Expert-parallel dispatch/combine: token copies travel over the `ep` group to the rank owning their expert.
+"""Expert-parallel dispatch/combine: each token travels once to each rank of the `ep` group that owns any of its
+experts, and comes back once from each, already summed over that rank's experts.
 
-Same interface as automoe.moe.dispatch.LocalDispatcher. Experts are split contiguously (Shard(0)): rank j of
-the ep group owns experts [j*E_local, (j+1)*E_local). Every rank runs the same collectives in the same order
-whatever its routing (a count exchange, then one all-to-all each way, possibly of zero rows), so a rank whose
-tokens reach no expert of some rank cannot hang the others.
+Same interface as automoe.moe.dispatch.LocalDispatcher, around the same experts module. Experts are split
+contiguously (Shard(0)): rank j of the ep group owns experts [j*E_local, (j+1)*E_local). A token sent to rank j
+carries its top-k ids and weights; rank j expands it to the rows of its own experts (moe.dispatch.expert_rows),
+and the experts sum those rows per token before the result is sent back. Every rank runs the same collectives in
+the same order whatever its routing (a count exchange, then the same all-to-alls, possibly of zero rows), so a
+rank whose tokens reach no expert of some rank cannot hang the others.
 """
 
 from __future__ import annotations
@@ -11,9 +14,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..moe.dispatch import Dispatched, sort_by_expert, unsort_weighted_sum
+from ..kernels.combine import GatherSum
+from ..moe.dispatch import Dispatched, Dispatcher, expert_rows, token_major
 
-_PAD_ROWS = 16  # received rows are padded up to a multiple of this, with at least one pad row (see dispatch)
+
+def destination_mask(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
+    """[T, ep_size] bool: which ranks own at least one expert of each token."""
+    owner = topk_ids // (num_experts // ep_size)
+    mask = torch.zeros(topk_ids.shape[0], ep_size, dtype=torch.bool, device=topk_ids.device)
+    return mask.scatter_(1, owner, True)
+
+
+def rows_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
+    """[ep_size] int64: the token rows this rank sends to each rank of the ep group (a token once per rank that
+    owns any of its experts). What AllToAllDispatcher sends; the performance model counts bytes with it."""
+    return destination_mask(topk_ids, num_experts, ep_size).sum(dim=0)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -22,62 +37,64 @@ class _AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
+        return _all_to_all(x, out_splits, in_splits, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
+        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
-class AllToAllDispatcher:
-    """Dispatch over the ep process group; the experts see only their rank's tokens, sorted by local expert."""
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class AllToAllDispatcher(Dispatcher):
+    """Dispatch over the ep process group; the experts see the tokens sent to this rank and their rows."""
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup) -> None:
         self.group = group
         self.ep_size = dist.get_world_size(group)
+        self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size:
             raise ValueError(f"ep size {self.ep_size} does not divide {num_experts} experts")
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
 
     def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Dispatched:
-        num_tokens, top_k = topk_ids.shape
-        order, counts, _ = sort_by_expert(topk_ids.reshape(-1), self.num_experts)
-        send = hidden[order // top_k]  # sorted by global expert, hence grouped by destination rank
-        weights = topk_weights.reshape(-1)[order]
-        recv_counts = torch.empty_like(counts)  # [ep, E_local]: rows each source rank sends to each local expert
+        num_tokens = topk_ids.shape[0]
+        ep, num_local = self.ep_size, self.num_local
+        owns = destination_mask(topk_ids, self.num_experts, ep)
+        per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_ids.device)
+        per_expert.scatter_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids.reshape(-1)))
+        # [ep, E_local + 1]: for each destination, rows per expert of its and the token rows sent there
+        counts = torch.cat([per_expert.view(ep, num_local), owns.sum(dim=0)[:, None]], dim=1)
+        recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)
+        # (destination, token) pairs, destination-major, the pairs that travel first and in token order
+        pair_order = torch.sort(~owns.t().reshape(-1), stable=True).indices
         # The one host synchronisation of this layer: all_to_all needs its split sizes on the host.
-        sizes = torch.cat([counts.view(self.ep_size, self.num_local).sum(1), recv_counts]).tolist()
-        send_splits = sizes[: self.ep_size]
-        per_source = sizes[self.ep_size :]
-        recv_splits = [sum(per_source[s * self.num_local : (s + 1) * self.num_local]) for s in range(self.ep_size)]
-        received = _AllToAll.apply(send, recv_splits, send_splits, self.group)
-        # rank-major [source][local expert] -> local-expert-major, without another sync
-        total = received.shape[0]
-        local_ids = torch.arange(self.num_local, device=hidden.device).repeat(self.ep_size)
-        row_ids = torch.repeat_interleave(local_ids, recv_counts, output_size=total)
-        row_expert, regroup = torch.sort(row_ids, stable=True)
-        # Zero padding rows keep grouped_mm away from an empty input (its CPU backward fails on zero rows). They
-        # are counted as rows of the last local expert, so every row is computed and differentiated for real
-        # (rows past sum(counts) would get undefined gradients, which expert biases would sum up); combine drops
-        # them, so their gradients are exactly zero.
-        padded = (total // _PAD_ROWS + 1) * _PAD_ROWS
-        tokens = torch.cat([received[regroup], received.new_zeros(padded - total, received.shape[1])])
-        row_expert = torch.cat([row_expert, row_expert.new_full((padded - total,), self.num_local - 1)])
-        local_counts = recv_counts.view(self.ep_size, self.num_local).sum(0)
-        local_counts[-1] += padded - total
-        state = (order, weights, num_tokens, top_k, regroup, send_splits, recv_splits)
-        return Dispatched(tokens, local_counts, row_expert, state)
+        sizes = torch.cat([counts[:, -1], recv_counts.reshape(-1)]).tolist()
+        send_splits = sizes[:ep]
+        received = torch.tensor(sizes[ep:]).view(ep, num_local + 1)
+        recv_splits = received[:, -1].tolist()
+        num_rows = int(received[:, :-1].sum())
+        num_pairs = sum(send_splits)
+        send_token = pair_order[:num_pairs] % num_tokens
+        tokens = _AllToAll.apply(hidden[send_token], recv_splits, send_splits, self.group)
+        ids = _all_to_all(topk_ids[send_token], recv_splits, send_splits, self.group)
+        weights = _AllToAll.apply(topk_weights[send_token], recv_splits, send_splits, self.group)
+        local = ids - self.ep_rank * num_local
+        slot_expert = torch.where((local >= 0) & (local < num_local), local, num_local)
+        rows = expert_rows(slot_expert, weights, num_local, num_rows)
+        position = torch.empty_like(pair_order).scatter_(0, pair_order, torch.arange(ep * num_tokens,
+                                                                                       device=pair_order.device))
+        token_rows, token_ptr = token_major(owns, position.view(ep, num_tokens).t(), num_pairs)
+        return Dispatched(tokens, rows, (send_token, token_rows, token_ptr, send_splits, recv_splits))
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        order, weights, num_tokens, top_k, regroup, send_splits, recv_splits = dispatched.state
-        out = expert_out[: regroup.shape[0]]  # drop the padding rows
-        rank_major = torch.empty_like(out).index_copy(0, regroup, out)
-        back = _AllToAll.apply(rank_major, send_splits, recv_splits, self.group)
-        return unsort_weighted_sum(back, order, weights, num_tokens, top_k)
+        send_token, token_rows, token_ptr, send_splits, recv_splits = dispatched.state
+        back = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
+        return GatherSum.apply(back, send_token, token_rows, token_ptr, "auto")

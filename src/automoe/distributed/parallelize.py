@@ -13,7 +13,6 @@ does. A mixed-precision policy (param_dtype / reduce_dtype) always takes FSDP2, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -25,7 +24,6 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..moe.block import MoEBlock
-from ..runtime_classes import built_by
 from .dispatch import AllToAllDispatcher
 from .setup import DistributedSetup
 
@@ -56,54 +54,6 @@ getattr(torch_checkpoint, "SAC_IGNORED_OPS", set()).update(
 )
 
 
-class LocalShardExperts:
-    """Mixed into an experts module under EP: its tensors are DTensors over `ep`, while Experts (and the fused
-    kernel) compute on plain tensors, so forward runs on their local shards (to_local is differentiable: the
-    gradients come back as DTensors with the same placements).
-
-    `fused` runs a block's fused dispatch+experts+combine function instead (automoe.kernels), still through
-    this module's call, so FSDP2's unshard/reshard hooks on the experts fire around it."""
-
-    grad_scale: float | None = None  # set when no FSDP reduces these gradients (see parallelize_model)
-
-    def forward(self, *args: torch.Tensor, fused: Callable | None = None) -> torch.Tensor:
-        sharded = {n: p for n in EXPERT_TENSORS if isinstance(p := self._parameters.get(n), DTensor)}
-        try:
-            for name, param in sharded.items():
-                local = param.to_local()
-                self._parameters[name] = local if self.grad_scale is None else _ScaleGrad.apply(local, self.grad_scale)
-            return fused(*args, self) if fused is not None else super().forward(*args)
-        finally:
-            self._parameters.update(sharded)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by `scale`."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
-
-
-def _fused_through_experts(fused: Callable, x, topk_ids, topk_weights, experts: nn.Module) -> torch.Tensor:
-    return experts(x, topk_ids, topk_weights, fused=fused)
-
-
-_LOCAL_CLASSES: dict[type, type] = {}
-
-
-def _local_shard_class(cls: type) -> type:
-    if cls not in _LOCAL_CLASSES:
-        attrs = {"__module__": cls.__module__, **built_by(_local_shard_class, cls)}
-        _LOCAL_CLASSES[cls] = type(f"EP{cls.__name__}", (LocalShardExperts, cls), attrs)
-    return _LOCAL_CLASSES[cls]
-
-
 def shard_experts(experts: nn.Module, setup: DistributedSetup) -> None:
     """Replace each expert tensor [E, ...] by a DTensor Shard(0) over `ep` holding this rank's E/ep experts."""
     ep_mesh = setup.ep_mesh
@@ -119,7 +69,6 @@ def shard_experts(experts: nn.Module, setup: DistributedSetup) -> None:
         dtensor = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=param.shape,
                                      stride=param.stride())
         experts._parameters[name] = nn.Parameter(dtensor, requires_grad=param.requires_grad)
-    experts.__class__ = _local_shard_class(type(experts))
 
 
 def _policy(save: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -160,17 +109,17 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
             layer._gradient_checkpointing_func = function
     mixed_precision = setup.param_dtype is not None or setup.reduce_dtype is not None
     if setup.world_size == 1 and not mixed_precision:
+        if setup.dispatcher == "all_to_all":  # a loopback: every dispatch and combine runs the EP code
+            for block in blocks:
+                block.dispatcher = AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group())
         return model
     mp = MixedPrecisionPolicy(param_dtype=setup.param_dtype, reduce_dtype=setup.reduce_dtype)
     ignored: set[nn.Parameter] = set()
     for block in blocks:
         experts = getattr(block, block.spec.experts_attr)
         shard_experts(experts, setup)
-        if setup.ep_size > 1:
+        if setup.dispatcher == "all_to_all":
             block.dispatcher = AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group())
-        fused = getattr(block, "fused_routed", None)
-        if fused is not None:
-            block.fused_routed = partial(_fused_through_experts, fused)
         # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
         # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
         if setup.expert_dp_mesh.size() == 1 and not mixed_precision:

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 STRATEGIES = ("fsdp2",)
 CHECKPOINTING = ("off", "full", "selective")
+DISPATCHERS = ("auto", "local", "all_to_all")
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
 
@@ -43,6 +44,7 @@ class DistributedSetup:
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     reshard_after_forward: bool = True
+    dispatcher: str = "local"
     mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
     dp_shard_mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
 
@@ -91,7 +93,10 @@ def create_distributed_setup_from_config(config: dict[str, Any]) -> DistributedS
 
     Keys: strategy ("fsdp2"), ep_size, dp_replicate_size, activation_checkpointing ("off", "full",
     "selective"), param_dtype, reduce_dtype (FSDP2 mixed precision; None keeps the weights' dtype),
-    reshard_after_forward. Unknown keys and sizes the world size does not allow are errors.
+    reshard_after_forward, dispatcher: how MoE tokens reach their experts, "auto" (the default: "local" at
+    ep_size 1, else "all_to_all"), "local" (ep_size 1 only) or "all_to_all" (over NCCL on GPUs, gloo on CPU;
+    at ep_size 1 a loopback through the same code, to measure it). Unknown keys and sizes the world size does
+    not allow are errors.
     """
     if not isinstance(config, dict):
         raise TypeError(f"create_distributed_setup_from_config takes a dict, not {type(config).__name__}.")
@@ -120,6 +125,7 @@ def create_distributed_setup_from_config(config: dict[str, Any]) -> DistributedS
         raise ValueError(
             f"distributed setup: reshard_after_forward must be true or false, not {opts['reshard_after_forward']!r}."
         )
+    opts["dispatcher"] = _dispatcher(opts.get("dispatcher", "auto"), opts.get("ep_size", 1))
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             "distributed setup: no process group. Launch with torchrun and call "
@@ -135,6 +141,17 @@ def create_distributed_setup_from_config(config: dict[str, Any]) -> DistributedS
         )
     opts["mesh"], opts["dp_shard_mesh"] = _build_mesh(world, replicate, ep)
     return DistributedSetup(**opts)
+
+
+def _dispatcher(value: Any, ep_size: int) -> str:
+    if value not in DISPATCHERS:
+        raise ValueError(f"distributed setup: unknown dispatcher {value!r}; choose one of {DISPATCHERS}.")
+    if value == "auto":
+        return "local" if ep_size == 1 else "all_to_all"
+    if value == "local" and ep_size > 1:
+        raise ValueError(f"distributed setup: dispatcher 'local' keeps every expert on each rank, so it needs "
+                         f"ep_size 1, not {ep_size}; use 'auto' or 'all_to_all'.")
+    return value
 
 
 def _build_mesh(world: int, replicate: int, ep: int) -> tuple[DeviceMesh, DeviceMesh]:

@@ -4,29 +4,29 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..moe.block import MoEBlock
+from ..moe.experts import Experts
 from ..moe.router import Router
 from ..options import AutoMoEOptions
 from .attention import patch_attention
 from .causal_lm import patch_causal_lm
-from .moe import local_routed_fn
+from .moe import fused_experts_fn
 from .rmsnorm import patch_rms_norms
 from .rope import patch_rope
 from .router import fused_route_fn, triton_covers
 
 
 def apply_kernels(model: nn.Module, options: AutoMoEOptions) -> dict[str, int]:
-    """Fused routed experts in every grouped_mm MoEBlock, fused router top-k, fused RMSNorm and RoPE,
-    cuDNN-first attention and, with `options.fused_loss`, the chunked linear + cross-entropy loss. Returns what was
-    patched, by kind."""
+    """Fused routed experts in every grouped_mm MoE block (under any dispatcher), fused router top-k, fused RMSNorm
+    and RoPE, cuDNN-first attention and, with `options.fused_loss`, the chunked linear + cross-entropy loss.
+    Returns what was patched, by kind."""
     mode = options.kernels
     if mode == "off":
         return {}
     done = {"moe_blocks": 0, "routers": 0}
     grouped = options.experts_backend == "grouped_mm"
     for module in model.modules():
-        if grouped and isinstance(module, MoEBlock):
-            module.fused_routed = local_routed_fn(mode)
+        if grouped and isinstance(module, Experts):
+            module.fused_forward = fused_experts_fn(mode)
             done["moe_blocks"] += 1
         if isinstance(module, Router) and not module.balanced and triton_covers(module.spec):
             module.fused_route = fused_route_fn(mode)

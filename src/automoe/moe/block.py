@@ -1,4 +1,4 @@
-"""The one MoE block every family runs: route -> dispatch -> experts -> combine (+ shared experts)."""
+"""The one MoE block every family runs: route -> dispatcher (dispatch -> experts -> combine) + shared experts."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .spec import BlockSpec
 class MoEBlock(nn.Module):
     """Keeps the HF block's child names (spec.router_attr, spec.experts_attr, spec.shared_attr,
     spec.shared_gate_attr) so every parameter keeps its HF key. `dispatcher` is a plain attribute that
-    expert parallelism swaps for its all-to-all version."""
+    expert parallelism swaps for its all-to-all version; the experts module is the same under every dispatcher."""
 
     def __init__(
         self,
@@ -31,8 +31,12 @@ class MoEBlock(nn.Module):
         if spec.shared_gate_attr:
             self.add_module(spec.shared_gate_attr, shared_gate)
         self.dispatcher = LocalDispatcher(spec.experts.num_experts)
-        # set by automoe.kernels: dispatch + experts + combine in one fused call, used while dispatch is local
-        self.fused_routed = None
+
+    def _shared_experts(self, x: torch.Tensor) -> torch.Tensor:
+        shared = getattr(self, self.spec.shared_attr)(x)
+        if self.spec.shared_gate_attr:
+            shared = torch.sigmoid(getattr(self, self.spec.shared_gate_attr)(x)) * shared
+        return shared
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         shape = hidden_states.shape
@@ -41,18 +45,10 @@ class MoEBlock(nn.Module):
             noise = torch.empty_like(x).uniform_(1.0 - self.spec.jitter_noise, 1.0 + self.spec.jitter_noise)
             x = x * noise
         _, topk_weights, topk_ids = getattr(self, self.spec.router_attr)(x)
-        if self.fused_routed is not None and type(self.dispatcher) is LocalDispatcher:
-            out = self.fused_routed(x, topk_ids, topk_weights, getattr(self, self.spec.experts_attr)).to(x.dtype)
-        else:
-            dispatched = self.dispatcher.dispatch(x, topk_ids, topk_weights)
-            expert_out = getattr(self, self.spec.experts_attr)(
-                dispatched.tokens, dispatched.counts, dispatched.row_expert
-            )
-            out = self.dispatcher.combine(expert_out, dispatched).to(x.dtype)
-        if self.spec.shared_attr:
-            shared = getattr(self, self.spec.shared_attr)(x)
-            if self.spec.shared_gate_attr:
-                shared = torch.sigmoid(getattr(self, self.spec.shared_gate_attr)(x)) * shared
+        side = (lambda: self._shared_experts(x)) if self.spec.shared_attr else None
+        out, shared = self.dispatcher(x, topk_ids, topk_weights, getattr(self, self.spec.experts_attr), side)
+        out = out.to(x.dtype)
+        if shared is not None:
             out = out + shared
         out = out.view(shape)
         return (out, topk_weights) if self.spec.returns_router_scores else out

@@ -1,15 +1,24 @@
-"""Experts: the expert MLPs of one MoE layer, run on tokens already sorted by expert.
+"""Experts: the expert MLPs of one MoE layer, computed on the tokens a dispatcher hands them.
 
-Two backends compute the same function: "grouped_mm" (one grouped GEMM per projection over all experts)
-and "per_expert" (a plain loop, the reference the tests hold the fast path to).
+The one interface every dispatcher wraps (local or expert-parallel): `experts(tokens [N, H], rows)` returns [N, H],
+each token's outputs of its experts here times their routing weights, summed. `rows` (moe.dispatch.ExpertRows)
+says which token each expert row is, rows sorted by local expert. Paths: the fused autograd Function of
+automoe.kernels (set in `fused_forward` by apply_kernels), or composed autograd ops with one grouped GEMM per
+projection ("grouped_mm") or a plain loop over experts ("per_expert", the reference the tests hold the fast
+paths to). Under expert parallelism the tensors are DTensors Shard(0) over `ep`; the forward computes on their
+local shards (`local_tensor`), so their gradients come back as DTensors with the same placements.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
+from .dispatch import ExpertRows
 from .spec import ExpertsSpec
 
 grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
@@ -33,9 +42,27 @@ def gated_activation(gate_up: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module
     return (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 class Experts(nn.Module):
     """Holds HF's fused expert tensors under HF's names: gate_up_proj [E, 2I, H] and down_proj [E, H, I]
     ([E, H, 2I] and [E, I, H] when `spec.transposed`), plus gate_up_proj_bias / down_proj_bias."""
+
+    # (experts, tokens, rows) -> [N, H]: the fused path, set by automoe.kernels.apply_kernels
+    fused_forward: Callable[..., torch.Tensor] | None = None
+    # set by expert parallelism when no FSDP reduces these gradients (see distributed.parallelize)
+    grad_scale: float | None = None
 
     def __init__(self, spec: ExpertsSpec, act_fn: nn.Module, backend: str) -> None:
         nn.Module.__init__(self)
@@ -43,41 +70,48 @@ class Experts(nn.Module):
         self.act_fn = act_fn
         self.backend = backend
 
-    @property
-    def num_local_experts(self) -> int:
-        return self.gate_up_proj.shape[0]
+    def local_tensor(self, name: str) -> torch.Tensor | None:
+        """This rank's experts of tensor `name` as a plain tensor (the local shard of an EP DTensor), None where
+        the experts have no such tensor."""
+        tensor = self._parameters.get(name)
+        if tensor is None:
+            return None
+        if isinstance(tensor, DTensor):
+            tensor = tensor.to_local()
+        return tensor if self.grad_scale is None else _ScaleGrad.apply(tensor, self.grad_scale)
 
-    def forward(self, tokens: torch.Tensor, counts: torch.Tensor, row_expert: torch.Tensor) -> torch.Tensor:
-        """tokens [S, H] sorted by local expert, counts [E_local] rows per expert, row_expert [S] the
-        local expert of each row (used for biases). Rows past sum(counts) are padding: their output is
-        undefined on the grouped_mm path, and the dispatcher that added them drops them."""
-        w1, w2 = weight_in_out(self.gate_up_proj, self.spec), weight_in_out(self.down_proj, self.spec)
+    def forward(self, tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+        if self.fused_forward is not None:
+            return self.fused_forward(self, tokens, rows)
+        w1 = weight_in_out(self.local_tensor("gate_up_proj"), self.spec)
+        w2 = weight_in_out(self.local_tensor("down_proj"), self.spec)
+        b1, b2 = self.local_tensor("gate_up_proj_bias"), self.local_tensor("down_proj_bias")
+        xs = tokens[rows.token_of_row].to(w1.dtype)
         if self.backend == "grouped_mm":
-            return self._grouped(tokens, counts, row_expert, w1, w2)
-        return self._per_expert(tokens, counts, w1, w2)
+            out = self._grouped(xs, rows, w1, w2, b1, b2)
+        else:
+            out = self._per_expert(xs, rows, w1, w2, b1, b2)
+        weighted = out * rows.weights.unsqueeze(-1)  # fp32 router weights keep the sum in fp32, as HF does
+        summed = weighted.new_zeros(tokens.shape[0], weighted.shape[-1])
+        return summed.index_add(0, rows.token_of_row, weighted)
 
-    def _grouped(self, tokens, counts, row_expert, w1, w2) -> torch.Tensor:
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        hidden = grouped_mm(tokens.to(w1.dtype), w1, offs=offsets)
-        if self.spec.has_bias:
-            hidden = hidden + self.gate_up_proj_bias[row_expert]
-        hidden = gated_activation(hidden, self.spec, self.act_fn)
-        out = grouped_mm(hidden, w2, offs=offsets)
-        if self.spec.has_bias:
-            out = out + self.down_proj_bias[row_expert]
-        return out
+    def _grouped(self, xs, rows, w1, w2, b1, b2) -> torch.Tensor:
+        if xs.shape[0] == 0:  # grouped_mm's backward fails on zero rows; the weights still get (zero) gradients
+            return xs.new_zeros(0, w2.shape[-1]) + sum(t.sum() * 0 for t in (w1, w2, b1, b2) if t is not None)
+        row_expert = rows.row_expert() if self.spec.has_bias else None
+        hidden = grouped_mm(xs, w1, offs=rows.offsets)
+        if b1 is not None:
+            hidden = hidden + b1[row_expert]
+        out = grouped_mm(gated_activation(hidden, self.spec, self.act_fn), w2, offs=rows.offsets)
+        return out if b2 is None else out + b2[row_expert]
 
-    def _per_expert(self, tokens, counts, w1, w2) -> torch.Tensor:
-        pieces, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            rows = tokens[start : start + n]
-            hidden = rows @ w1[e]
-            if self.spec.has_bias:
-                hidden = hidden + self.gate_up_proj_bias[e]
+    def _per_expert(self, xs, rows, w1, w2, b1, b2) -> torch.Tensor:
+        pieces, start = [xs.new_zeros(0, w2.shape[-1])], 0
+        for e, end in enumerate(rows.offsets.tolist()):
+            hidden = xs[start:end] @ w1[e]
+            if b1 is not None:
+                hidden = hidden + b1[e]
             hidden = gated_activation(hidden, self.spec, self.act_fn) @ w2[e]
-            if self.spec.has_bias:
-                hidden = hidden + self.down_proj_bias[e]
-            pieces.append(hidden)
-            start += n
-        pieces.append(tokens.new_zeros(tokens.shape[0] - start, w2.shape[-1]))
+            pieces.append(hidden if b2 is None else hidden + b2[e])
+            start = end
         return torch.cat(pieces)
