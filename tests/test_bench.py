@@ -111,12 +111,14 @@ FAKE_NEMO = {
         "class NeMoAutoModelForCausalLM:\n"
         "    @classmethod\n"
         "    def from_config(cls, config, force_hf=False, **kwargs):\n"
-        "        raise RuntimeError(f'fake {\"hf\" if force_hf else \"custom\"} build failed for {config.architectures}')\n"),
+        "        path = 'hf' if force_hf else 'custom'\n"
+        "        raise RuntimeError(f'fake {path} build failed for {config.architectures}')\n"),
     "nemo_automodel/components/__init__.py": "",
     "nemo_automodel/components/models/__init__.py": "",
     "nemo_automodel/components/models/common/__init__.py": "",
     "nemo_automodel/components/models/common/utils.py": (
-        "from dataclasses import dataclass\n\n@dataclass\nclass BackendConfig:\n    fake_balanced_gate: bool = False\n"),
+        "from dataclasses import dataclass\n\n\n@dataclass\nclass BackendConfig:\n"
+        "    fake_balanced_gate: bool = False\n"),
 }
 
 
@@ -124,7 +126,8 @@ def test_nemo_column_not_importable_is_named_and_the_other_columns_run(tmp_path,
     argv = ["--workload", "tiny", "--layers", "1", "--seq", "16", "--steps", "1", "--warmup", "0", "--device", "cpu",
             "--columns", "v5,nemo", "--nemo-path", str(tmp_path / "empty"), "--out", str(tmp_path), "--no-plot"]
     assert cli.main(argv) == 0
-    assert f"not run: nemo (nemo_automodel not importable from --nemo-path {tmp_path / 'empty'})" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"not run: nemo (nemo_automodel not importable from --nemo-path {tmp_path / 'empty'})" in printed
     result = json.loads((tmp_path / "bench-tiny-seq16.json").read_text())
     assert [c["column"] for c in result["columns"]] == ["v5"] and result["columns"][0]["runs"][0]["step_tps"] > 0
     assert result["skipped_columns"] == ["nemo"] and "not importable" in result["skip_reasons"]["nemo"]

@@ -25,7 +25,9 @@ def sweep_seqs(seq: int, max_seq: int) -> list[int]:
 
 
 def profile_step(model, optimizer, tokens: torch.Tensor, path: str) -> None:
-    """torch.profiler summary table of one training step (forward+loss, backward, optimizer)."""
+    """torch.profiler summary table of one training step (forward+loss, backward, optimizer), and beside it (.json)
+    every op's name, calls and self/total device and host time in microseconds, for comparing two columns' steps
+    (benchmarks/profile_compare.py)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if tokens.is_cuda else [])
@@ -37,6 +39,10 @@ def profile_step(model, optimizer, tokens: torch.Tensor, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
         f.write(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70))
+    ops = [{"name": e.key, "calls": e.count, "self_device_us": e.self_device_time_total,
+            "device_us": e.device_time_total, "self_cpu_us": e.self_cpu_time_total, "cpu_us": e.cpu_time_total}
+           for e in prof.key_averages()]
+    Path(path).with_suffix(".json").write_text(json.dumps(ops))
 
 
 def run_column(spec: ColumnSpec, args: argparse.Namespace, device: torch.device) -> dict:
