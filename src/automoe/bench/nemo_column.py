@@ -124,22 +124,26 @@ def build(path: str, config, router: str) -> tuple[RecipeLossModel, dict]:
     path or its HF path, with the recipe loss; and what it ran with, for the JSON and the table."""
     from nemo_automodel import NeMoAutoModelForCausalLM
 
+    # the HF path hands every extra keyword to the HF model's constructor, which takes no `backend`
     backend = backend_config(router)
-    model = NeMoAutoModelForCausalLM.from_config(_causal_lm_config(config), backend=backend, dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa", force_hf=path == "hf")
-    custom = type(model).__module__.startswith("nemo_automodel.components.models")
+    extra = {"force_hf": True} if path == "hf" else {"backend": backend}
+    model = NeMoAutoModelForCausalLM.from_config(_causal_lm_config(config), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa", **extra)
+    ran = getattr(model, "backend", None)
+    custom = isinstance(ran, type(backend))  # its custom models keep their BackendConfig, HF models have none
     if path == "custom" and not custom:
         raise RuntimeError(f"NeMo built {type(model).__module__}.{type(model).__name__}, not a custom model")
     loss_fn, loss_name = loss_module()
-    ran = getattr(model, "backend", None)
     info = {
         "path": path,
         "model_class": f"{type(model).__module__}.{type(model).__name__}",
-        "backend": _jsonable(dataclasses.asdict(ran)) if custom and dataclasses.is_dataclass(ran) else None,
+        "backend": _jsonable(dataclasses.asdict(ran)) if custom else None,
         "hf_implementations": None if custom else {
             "attn": getattr(model.config, "_attn_implementation", None),
             "experts": getattr(model.config, "_experts_implementation", None)},
         "loss": loss_name,
+        # its HF path has no balanced gate: there the model's own router runs whatever --router asked
+        "router": "balanced (fake_balanced_gate)" if custom and router == "balanced" else "model's own",
     }
     return RecipeLossModel(model, loss_fn), info
 
@@ -172,7 +176,8 @@ def notes(info: dict | None, errors: dict[str, str]) -> list[str]:
     """Lines for the table: what the column ran with, and what failed on the way."""
     lines = []
     if info is not None:
-        lines.append(f"NeMo AutoModel ran its {info['path']} path: {info['model_class']}; loss {info['loss']}")
+        lines.append(f"NeMo AutoModel ran its {info['path']} path: {info['model_class']}, {info['router']} router; "
+                     f"loss {info['loss']}")
         if info["backend"]:
             keys = ("attn", "linear", "rms_norm", "rope", "rope_fusion", "experts", "dispatcher", "fake_balanced_gate",
                     "gate_precision", "compile_attn", "compile_router_weight", "te_fp8")
