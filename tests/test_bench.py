@@ -173,3 +173,27 @@ def test_nemo_recipe_loss_matches_the_hf_loss_and_its_gradients():
         torch.testing.assert_close(g, w)
     with pytest.raises(ValueError, match="labels = input_ids"):
         RecipeLossModel(model, MaskedCrossEntropy())(input_ids=tokens, labels=tokens.clone())
+
+
+def test_nemo_custom_model_gets_the_other_columns_weights_and_their_loss(monkeypatch):
+    """NeMo's own Qwen3-MoE model, given the HF init from the seed through its state-dict adapter, trains on the
+    same loss as the HF model from that seed (same weights, same routing), by the recipe loss."""
+    pytest.importorskip("nemo_automodel.components.models.qwen3_moe.model")
+    from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy
+    from nemo_automodel.components.models.common.utils import BackendConfig
+    from nemo_automodel.components.models.qwen3_moe.model import Qwen3MoeForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from automoe.bench.nemo_column import RecipeLossModel, load_reference_weights
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # its constructor names cuda:N; nothing lands there
+    config = make_config("tiny", 2)
+    model = Qwen3MoeForCausalLM(config, backend=BackendConfig(experts="torch"))
+    model.initialize_weights(buffer_device=torch.device("cpu"), dtype=torch.float32)
+    load_reference_weights(model, config, seed=3, custom=True)
+    torch.manual_seed(3)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    want = reference(input_ids=tokens, labels=tokens).loss
+    got = RecipeLossModel(model, MaskedCrossEntropy())(input_ids=tokens, labels=tokens).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

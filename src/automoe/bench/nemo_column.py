@@ -119,8 +119,24 @@ def _causal_lm_config(config):
     return config
 
 
-def build(path: str, config, router: str) -> tuple[RecipeLossModel, dict]:
-    """NeMo's model for `config` on the current GPU in bf16 (random weights from the current seed), by its custom
+def load_reference_weights(model: nn.Module, config, seed: int, custom: bool) -> None:
+    """The weights the other columns start from (the HF model's init from `seed`, on the model's device), into
+    NeMo's model: through its state-dict adapter for a custom model (HF checkpoint keys in, its layout out), as they
+    are for its HF path. Same weights, same routing: the columns route the same tokens to the same experts."""
+    from transformers import AutoModelForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
+
+    torch.manual_seed(seed)
+    with next(model.parameters()).device:
+        reference = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    state = reference.state_dict()
+    if custom:
+        state = model.state_dict_adapter.from_hf(revert_weight_conversion(reference, state))
+    model.load_state_dict(state, strict=True)
+
+
+def build(path: str, config, router: str, seed: int) -> tuple[RecipeLossModel, dict]:
+    """NeMo's model for `config` on the current GPU in bf16 with the other columns' weights (`seed`), by its custom
     path or its HF path, with the recipe loss; and what it ran with, for the JSON and the table."""
     from nemo_automodel import NeMoAutoModelForCausalLM
 
@@ -133,6 +149,7 @@ def build(path: str, config, router: str) -> tuple[RecipeLossModel, dict]:
     custom = isinstance(ran, type(backend))  # its custom models keep their BackendConfig, HF models have none
     if path == "custom" and not custom:
         raise RuntimeError(f"NeMo built {type(model).__module__}.{type(model).__name__}, not a custom model")
+    load_reference_weights(model, config, seed, custom)
     loss_fn, loss_name = loss_module()
     info = {
         "path": path,

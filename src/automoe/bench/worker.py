@@ -92,7 +92,7 @@ def run_nemo(spec: ColumnSpec, args: argparse.Namespace, config, device: torch.d
         model = optimizer = None
         try:
             torch.manual_seed(args.seed)
-            model, info = nemo_column.build(path, config, args.router)
+            model, info = nemo_column.build(path, config, args.router, args.seed)
             optimizer = build_optimizer(spec, model)
             out["nemo"]["ran"], out["label"] = info, nemo_column.label(info)
             measure_plan(spec, args, config, device, model, optimizer, out)
