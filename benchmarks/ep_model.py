@@ -315,8 +315,8 @@ def fsdp_bytes(config, world: int) -> dict[str, float]:
     layer = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.layers.0.") and
                 ".experts." not in n)
     root = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers."))
-    share = 2 * (world - 1) / world
-    return {"layer_gather": layer * share, "layer_reduce": layer * share, "root_gather": root * share,
+    share = 2 * (world - 1) / world  # bf16 bytes of the other ranks' shards
+    return {"layer_gather": 2 * layer * share, "layer_reduce": layer * share, "root_gather": root * share,
             "root_reduce": root * share, "layer_params": layer, "root_params": root}
 
 
