@@ -256,13 +256,12 @@ def _router(config):
 
 
 @torch.no_grad()
-def routed_ids(config, world: int, seq: int) -> dict[str, list[torch.Tensor]]:
+def routed_ids(norm: nn.Module, router: nn.Module, config, world: int, seq: int) -> dict[str, list[torch.Tensor]]:
     """Top-k ids of each rank's `seq` tokens, per router. The router's input is the norm of iid normal hidden
     states of the init's scale: at initialisation the residual stream is the tokens' embedding rows (iid normal)
     plus a small attention output, and random token ids rarely repeat."""
     from automoe.moe.router import balanced_route
 
-    norm, router = _router(config)
     out = {"own": [], "balanced": []}
     for rank in range(world):
         x = torch.randn(seq, config.hidden_size, generator=torch.Generator().manual_seed(rank))
@@ -289,18 +288,15 @@ def bottleneck_rows(matrix: torch.Tensor) -> int:
     return int(torch.maximum(remote.sum(1), remote.sum(0)).max())
 
 
-def payload(config, dispatcher: str) -> dict[str, dict[str, int]]:
+def payload(config, router: nn.Module) -> dict[str, dict[str, int]]:
     """Bytes per row of each all-to-all of a layer, and the number of all-to-alls (the count exchange included),
-    from the tensors distributed/dispatch.py sends: the deduplicated dispatcher sends each token's hidden state
-    (bf16) with its top-k ids (int64) and weights (bf16, the router's dtype here) and gets one summed row back;
-    the old one sends a hidden state per token copy and gets one back. Backward sends the gradients of what
-    carries one (hidden states and weights) along the same routes."""
+    from the tensors distributed/dispatch.py's AllToAllDispatcher sends in a bf16 model: each token's hidden
+    state (bf16) with its top-k ids (int64) and weights (the router's output dtype), one summed row back; backward
+    sends the gradients of the hidden states and weights along the same routes."""
     hidden, k = 2 * config.hidden_size, config.num_experts_per_tok
-    if dispatcher == "dedup":
-        return {"fwd": {"dispatch": hidden + 8 * k + 2 * k, "combine": hidden, "calls": 5},
-                "bwd": {"dispatch": hidden + 2 * k, "combine": hidden, "calls": 3}}
-    return {"fwd": {"dispatch": hidden, "combine": hidden, "calls": 3},
-            "bwd": {"dispatch": hidden, "combine": hidden, "calls": 2}}
+    weight = 4 if router.spec.weights_in_fp32 or router.spec.logits_in_fp32 else 2
+    return {"fwd": {"dispatch": hidden + 8 * k + weight * k, "combine": hidden, "calls": 5},
+            "bwd": {"dispatch": hidden + weight * k, "combine": hidden, "calls": 3}}
 
 
 def fsdp_bytes(config, world: int) -> dict[str, float]:
@@ -338,7 +334,8 @@ def pipelined(compute: float, comm_in: float, comm_out: float, chunks: int) -> f
     return max(compute + (comm_in + comm_out) / chunks, comm_in + comm_out + compute / chunks)
 
 
-def predict(measured: dict, config, ep: int, rows: dict, bandwidth: float, assume: dict) -> dict:
+def predict(measured: dict, config, sizes_per_phase: dict, ep: int, rows: dict, bandwidth: float,
+            assume: dict) -> dict:
     """Step time of one rank at ep = world size, with and without overlap. Times in ms, bandwidth in GB/s."""
     seq = measured["seq"]
     pieces, grid = measured["pieces"], measured["experts"][str(ep)]
@@ -352,7 +349,7 @@ def predict(measured: dict, config, ep: int, rows: dict, bandwidth: float, assum
     for overlap in (False, True):
         layer = overhead
         for phase in ("fwd", "bwd"):
-            sizes = payload(config, "dedup")[phase]
+            sizes = sizes_per_phase[phase]
             comm_in = dedup_rows * sizes["dispatch"] / per_ms
             comm_out = dedup_rows * sizes["combine"] / per_ms
             latency = sizes["calls"] * assume["all_to_all_latency_ms"]
@@ -382,12 +379,12 @@ def _rows_summary(m: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def routing_table(config, seq: int) -> dict:
+def routing_table(norm: nn.Module, router: nn.Module, config, seq: int) -> dict:
     """Per ep and router: the row matrices' summaries, counted over W = ep ranks' routed tokens."""
     out = {}
     for ep in EPS:
-        for router, per_rank in routed_ids(config, ep, seq).items():
-            out[f"{ep}/{router}"] = _rows_summary(row_matrices(per_rank, config.num_experts, ep))
+        for name, per_rank in routed_ids(norm, router, config, ep, seq).items():
+            out[f"{ep}/{name}"] = _rows_summary(row_matrices(per_rank, config.num_experts, ep))
     return out
 
 
@@ -471,7 +468,7 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"Bytes per row (from the tensors the dispatcher sends): forward dispatch {pay['fwd']['dispatch']} "
-        f"(hidden bf16 + top-k ids int64 + weights bf16), combine {pay['fwd']['combine']}; backward "
+        f"(hidden bf16 + top-k ids int64 + top-k weights), combine {pay['fwd']['combine']}; backward "
         f"{pay['bwd']['dispatch']} and {pay['bwd']['combine']}; all-to-alls per layer: {pay['fwd']['calls']} "
         f"forward (the count exchange included), {pay['bwd']['calls']} backward. The balanced router gives token "
         "i the k consecutive experts (i*k + j) % E, which at E/ep >= k lie on one rank: every token travels once, "
@@ -545,17 +542,21 @@ def model(args: argparse.Namespace) -> dict:
     assume = {"efficiency": args.efficiency, "bandwidth_gbps": NVLINK_GBPS * args.efficiency,
               "all_to_all_latency_ms": args.latency_us / 1e3, "host_sync_ms": args.host_sync_us / 1e3,
               "chunks": args.chunks, **loopback_inputs(args.loopback)}
-    routing = routing_table(config, measured["seq"])
+    norm, router = _router(config)
+    routing = routing_table(norm, router, config, measured["seq"])
+    sizes = payload(config, router)
     predictions = {}
     for key, rows in routing.items():
         ep = int(key.split("/")[0])
-        predictions[key] = {"assumed": predict(measured, config, ep, rows, assume["bandwidth_gbps"], assume),
-                            "published_peak": predict(measured, config, ep, rows, NVLINK_GBPS, assume)}
+        predictions[key] = {
+            "assumed": predict(measured, config, sizes, ep, rows, assume["bandwidth_gbps"], assume),
+            "published_peak": predict(measured, config, sizes, ep, rows, NVLINK_GBPS, assume),
+        }
     report = {
         "command": "python benchmarks/ep_model.py " + " ".join(sys.argv[1:]),
         "shape": {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "experts": config.num_experts,
                   "top_k": config.num_experts_per_tok},
-        "measured": measured, "assumptions": assume, "routing": routing, "payload": payload(config, "dedup"),
+        "measured": measured, "assumptions": assume, "routing": routing, "payload": sizes,
         "fsdp": {str(ep): fsdp_bytes(config, ep) for ep in EPS}, "predictions": predictions,
     }
     if "single_fwd_bwd_ms" in assume:
