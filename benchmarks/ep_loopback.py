@@ -215,6 +215,27 @@ def table(columns: dict[str, dict], summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _figure(col: dict) -> str:
+    if "error" in col:
+        return f"failed ({col['error']})"
+    return (f"{col['step_ms']:.1f} ms/step ({col['step_tps']:,.0f} TPS), fwd+loss {col['fwd_loss_ms']:.1f} / bwd "
+            f"{col['bwd_ms']:.1f} / opt {col['optimizer_ms']:.1f} ms, peak {col.get('peak_gib', float('nan')):.1f} GiB")
+
+
+def results_row(result: dict) -> str:
+    """A draft benchmarks/RESULTS.md row of this run (the JSON link is left to fill in)."""
+    cols, a = result["columns"], result["args"]
+    ratios = ", ".join(f"{name} x{result[f'{name}_step_ratio']:.3f} (max loss rel diff "
+                       f"{result[f'{name}_max_loss_rel_diff']:.1e})" for name in cols if f"{name}_step_ratio" in result)
+    verdict = {True: "within 5%", False: "NOT within 5%"}.get(result.get("loopback_within_5_percent"), "")
+    return (f"| {result['date'][:16].replace('T', ' ')} UTC | {result['device']} (torch {result['torch']}) | "
+            f"`{result['command']}` | {a['workload']}, seq {a['seq']}, batch {a['batch']}, bf16, {a['optimizer']} "
+            f"AdamW, router {a['router']}; median of {a['steps']} after {a['warmup']} warm-up | single-device: "
+            f"{_figure(cols.get('single', {'error': 'not run'}))} | "
+            + "; ".join(f"{name}: {_figure(col)}" for name, col in cols.items() if name != "single")
+            + f" | {ratios}; loopback {verdict} | [json](results/...) |")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse(argv)
@@ -238,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(table(columns, summary))
     print(json.dumps(summary))
+    print("RESULTS.md row: " + results_row(result))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ep_loopback.json").write_text(json.dumps(result, indent=2))
