@@ -6,7 +6,8 @@ multi-GPU issue checks.
 Two stages:
   measure  (GPU) times, forward and forward+backward, of one decoder layer's pieces at seq 4096, batch 1, bf16:
            attention + norms + projections; the router; the experts (a MoE block of E/ep experts fed the rows a
-           rank receives, on a grid of row counts); the layer whole at ep 1; everything outside the layers
+           rank receives, on a grid of row counts; also all experts, ep 1, to check the pieces against the whole
+           layer); the layer whole at ep 1; everything outside the layers
            (embedding, final norm, lm_head + loss, from a one-layer model's step minus its layer); AdamW on the
            parameters one rank holds (non-expert weights sharded over the world by FSDP2, experts over ep).
   model    (CPU) reads that JSON; routes W ranks' tokens through a randomly initialised router (own) and
@@ -222,7 +223,7 @@ def measure(args: argparse.Namespace) -> dict:
     print(json.dumps(result["pieces"]), file=sys.stderr, flush=True)
     _free(device)
     result["experts"] = {}
-    for ep in EPS:
+    for ep in (1, *EPS):  # ep 1: all experts, to check the pieces against the whole layer
         result["experts"][str(ep)] = _experts_grid(full, seq, ep, device, args.kernels, args.reps, args.warmup)
         _free(device)
     result["adamw"] = {}
@@ -510,7 +511,12 @@ def markdown(report: dict) -> str:
         lines.append(f"| AdamW step, ep {ep}: {opt['params'] / 1e9:.2f} B parameters on a rank | | "
                      f"{_ms(opt['step_ms'])} |")
     check = report.get("check")
+    sums = report["pieces_check"]
     lines += ["", "## How the prediction is composed", "",
+              f"Check of the pieces at ep 1: attention + router + experts ({cfg['experts']} experts, "
+              f"{sums['rows']:,} rows) = {sums['pieces_ms']:.2f} ms forward+backward, the whole layer measured "
+              f"{sums['layer_ms']:.2f} ms (x{sums['pieces_ms'] / sums['layer_ms']:.3f}).",
+              "",
               "Per layer and pass (forward, backward): attention + router + experts at the busiest rank's expert "
               "rows (interpolated in the measured grid) + the all-to-alls (busiest rank's rows x bytes per row / "
               f"bandwidth, plus {a['all_to_all_latency_ms'] * 1e3:.0f} us per all-to-all, assumed). Without overlap, "
@@ -566,8 +572,13 @@ def model(args: argparse.Namespace) -> dict:
         "measured": measured, "assumptions": assume, "routing": routing, "payload": sizes,
         "fsdp": {str(ep): fsdp_bytes(config, ep) for ep in EPS}, "predictions": predictions,
     }
+    pieces, rows = measured["pieces"], measured["seq"] * config.num_experts_per_tok
+    report["pieces_check"] = {
+        "rows": rows, "layer_ms": pieces["layer_ep1"]["fwd_bwd_ms"],
+        "pieces_ms": (pieces["attention"]["fwd_bwd_ms"] + pieces["router"]["fwd_bwd_ms"] +
+                      interpolate(measured["experts"]["1"], rows, "fwd_bwd_ms")),
+    }
     if "single_fwd_bwd_ms" in assume:
-        pieces = measured["pieces"]
         composed = (assume["loopback_layers"] * pieces["layer_ep1"]["fwd_bwd_ms"] +
                     pieces["outside_layers"]["fwd_bwd_ms"])
         report["check"] = {"composed_ms": composed, "single_ms": assume["single_fwd_bwd_ms"],
