@@ -241,3 +241,27 @@ def test_a_full_disk_is_named_and_keeps_the_earlier_checkpoints(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "the checkpoint of step 1 could not be written" in proc.stderr and "Is the disk full?" in proc.stderr
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".step_")]
+
+
+def test_a_kill_during_the_final_export_leaves_no_half_export(tmp_path):
+    out = tmp_path / "run"
+    base = QUICK + ["--train.max_steps", "2", "--train.save_every", "2", "--output.export", "true",
+                    "--output.dir", str(out)]
+    proc = finetune(base, env={"AUTOMOE_TEST_PAUSE": "export=60"}, wait=False)
+    deadline = time.time() + 200
+    try:
+        while not (out / ".final.tmp" / "model.safetensors").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+    assert not (out / "final").exists()
+    # the last step was checkpointed: --resume trains nothing again, exports, and removes the leftover
+    proc = finetune(base + ["--resume"], wait=False)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "(step 2 of 2)" in log, log
+    assert sorted(losses(out)) == [1, 2]
+    assert not (out / ".final.tmp").exists()
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (out / "final").iterdir()}

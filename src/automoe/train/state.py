@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from .config import RecipeError
@@ -108,9 +109,11 @@ def save_checkpoint(
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save({**extra, "step": step, "rng": rng_state()}, tmp / f"rank{rt.rank:05d}.pt")
-    except (OSError, RuntimeError) as e:  # DCP raises its CheckpointException (a RuntimeError) on every rank
+    except (OSError, RuntimeError, CheckpointException) as e:  # DCP raises CheckpointException on every rank
+        cause = "; ".join(f"rank {r}: {exc!r}" for r, (exc, _) in e.failures.items()) if isinstance(
+            e, CheckpointException) else repr(e)
         free = shutil.disk_usage(root).free / 2**30
-        problem = (f"the checkpoint of step {step} could not be written to {tmp}: {e}\nIs the disk full? "
+        problem = (f"the checkpoint of step {step} could not be written to {tmp}: {cause}\nIs the disk full? "
                    f"{free:.2f} GiB free there. The earlier checkpoints are kept; free space, then --resume.")
     if problem is not None and rt.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
