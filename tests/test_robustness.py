@@ -265,3 +265,30 @@ def test_a_kill_during_the_final_export_leaves_no_half_export(tmp_path):
     assert sorted(losses(out)) == [1, 2]
     assert not (out / ".final.tmp").exists()
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in (out / "final").iterdir()}
+
+
+def test_sigterm_under_torchrun_saves_the_same_step_on_every_rank(tmp_path):
+    pytest.importorskip("automoe.distributed")
+    out = tmp_path / "run"
+    cmd = [*TORCHRUN, "-m", "automoe.cli", "finetune", *QUICK, "--train.max_steps", "6", "--distributed",
+           "{ep_size: 2}", "--output.dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "AUTOMOE_TEST_PAUSE": "step_3_rank0=3"})
+    try:
+        deadline = time.time() + 200
+        while not ((out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the launcher and every worker
+        log, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode != 0, log
+    assert "stopped by SIGTERM after step 3" in log, log
+    (ckpt,) = complete_checkpoints(out / "checkpoints")
+    assert ckpt.name == "step_00000003" and len(list(ckpt.glob("rank*.pt"))) == 2
+    rc, log = run_group(cmd + ["--resume"], timeout=240)
+    assert rc == 0 and "(step 3 of 6)" in log, log
+    assert sorted(losses(out)) == list(range(1, 7))
