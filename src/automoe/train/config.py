@@ -429,7 +429,10 @@ def check_model_config(recipe: Recipe) -> None:
             close = difflib.get_close_matches(key, sorted(known | COMMON_CONFIG_KEYS), n=1, cutoff=0.8)
             if key not in known | COMMON_CONFIG_KEYS and close:
                 raise RecipeError(f"model.config.{key}: not a key of {cls.__name__}; did you mean {close[0]}?")
-        config = cls(**values)
+        try:
+            config = cls(**values)
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"model.config: {cls.__name__} refuses these values: {e}") from e
     else:
         if not Path(m.path).is_dir():
             raise RecipeError(f"model.path: no local checkpoint directory at {m.path}")
