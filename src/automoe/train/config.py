@@ -34,7 +34,8 @@ def _tiny_qwen3_moe() -> dict[str, Any]:
 
 @dataclass
 class ModelConfig:
-    """Either a local HF checkpoint (`path`) or a config to build with random init (`config`)."""
+    """Either a local HF checkpoint (`path`) or a config to build with random init (`config`); a recipe that sets
+    one clears the other's default. A recipe's `config` replaces the default one whole."""
 
     path: str | None = None
     config: dict[str, Any] | None = field(default_factory=_tiny_qwen3_moe)
