@@ -151,3 +151,33 @@ def test_batch_plan_is_a_function_of_the_step_and_splits_over_ranks():
     assert sorted(r[0] for p in parts for r in p) == sorted(r[0] for r in first[0])
     with pytest.raises(RecipeError, match="train.batch_size"):
         BatchPlan(rows, rows_per_step=11, seed=0, shuffle=False)
+
+
+def test_a_non_utf8_line_is_a_bad_row_named_by_its_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "ab", "completion": "ba"}).encode()
+    path.write_bytes(good + b"\n" + b'{"prompt": "a\xff", "completion": "x"}\n' + good + b"\n")
+    messages = []
+    samples = load_samples(str(path), "data.train", Encoder(TOK, DataConfig(max_seq_len=64)), "skip", messages.append)
+    assert len(samples) == 2
+    assert "line 2: not UTF-8 text (byte b'\\xff' at column 14)" in messages[0]
+
+
+def test_wrong_keys_are_one_line_with_a_hint_not_one_line_per_row(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"question": f"q{i}", "answer": "a"} for i in range(400)])
+    with pytest.raises(RecipeError) as err:
+        load_samples(path, "data.train", Encoder(TOK, DataConfig(max_seq_len=64)), "skip")
+    text = str(err.value)
+    assert len(text.splitlines()) <= 4, text
+    assert "line 1, line 2, line 3, line 4, line 5 and 395 more: missing field 'prompt'" in text
+    assert "the rows have the keys ['answer', 'question']: name yours with data.prompt_field" in text
+
+
+def test_characters_the_tokenizer_does_not_know_are_reported(tmp_path):
+    rows = [{"prompt": "café", "completion": "éfac"}, {"prompt": "ab", "completion": "ba"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    messages = []
+    samples = load_samples(path, "data.train", Encoder(TOK, DataConfig(max_seq_len=64)), "skip", messages.append)
+    assert len(samples) == 2
+    assert "1 row(s) hold characters the tokenizer does not know, trained as <unk>" in messages[0]
+    assert "line 1" in messages[0]

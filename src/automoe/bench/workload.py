@@ -35,10 +35,14 @@ def make_config(workload: str, layers: int | None = None):
 
 
 def top_k(config) -> int:
+    """Experts each token runs through; 1 for a dense model (no expert count)."""
     for key in ("num_experts_per_tok", "moe_topk", "top_k"):
         value = getattr(config, key, None)
         if isinstance(value, int):
             return value
+    if not any(isinstance(getattr(config, k, None), int)
+               for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return 1
     raise ValueError(f"{type(config).__name__} names no top-k")
 
 

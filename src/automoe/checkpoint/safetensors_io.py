@@ -60,15 +60,25 @@ class SafetensorsFile:
         )
 
     def _read_header(self, path: str) -> None:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+        """Every rank reads every header, so a damaged or truncated file is an error on all ranks alike."""
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                if 8 + length > size:
+                    raise ValueError(f"its header claims {length} bytes but the file has {size}")
+                header = json.loads(f.read(length))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}): a damaged or partial copy?") from e
         header.pop("__metadata__", None)
         for key, meta in header.items():
             if meta["dtype"] not in DTYPES:
                 raise ValueError(f"{path}: tensor {key} has dtype {meta['dtype']}, which the sharded loader can't read")
-            offset = 8 + length + meta["data_offsets"][0]
-            self.entries[key] = Entry(path, DTYPES[meta["dtype"]], tuple(meta["shape"]), offset)
+            begin, end = meta["data_offsets"]
+            if 8 + length + end > size:
+                raise ValueError(f"{path} is truncated: tensor {key} ends at byte {8 + length + end} but the file has "
+                                 f"{size} bytes (an interrupted copy or download?)")
+            self.entries[key] = Entry(path, DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + length + begin)
 
     def read(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor `key` (CPU, stored dtype), or only its rows [start, end) along dim 0."""
@@ -84,7 +94,9 @@ class SafetensorsFile:
         if buffer:
             with open(entry.file, "rb") as f:
                 f.seek(entry.offset + start * row_bytes)
-                f.readinto(buffer)
+                got = f.readinto(buffer)
+            if got != len(buffer):  # the file shrank after its header was read
+                raise ValueError(f"{entry.file}: short read of tensor {key}: {got} of {len(buffer)} bytes")
         self.bytes_read += len(buffer)
         if not buffer:
             return torch.empty(shape, dtype=entry.dtype)

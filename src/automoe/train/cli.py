@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
 import yaml
 
 from .config import RecipeError, load_recipe, parse_overrides
+from .runtime import RankStopped
+from .stop import Interrupted
 
 EPILOG = """\
 With no recipe, runs the embedded default (examples/tiny_default.yaml): a tiny MoE model built locally,
@@ -24,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-c", "--config", help="recipe YAML (default: the embedded recipe)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output.dir")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
-    args, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, rest = parser.parse_known_args(argv)
     try:
         recipe = load_recipe(args.config, parse_overrides(rest))
         if args.print_recipe:
@@ -36,4 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"automoe finetune: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            again = shlex.join(["automoe", "finetune", *[a for a in argv if a != "--resume"], "--resume"])
+            print(f"automoe finetune: {e}. Continue the run with:\n  {again}\n(under torchrun: the same torchrun "
+                  "command with --resume)", file=sys.stderr)
+        return 128 + e.signum
+    except RankStopped as e:
+        print(f"automoe finetune: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -7,8 +7,12 @@ built, with a message naming the dotted key. The defaults are the embedded recip
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -30,7 +34,8 @@ def _tiny_qwen3_moe() -> dict[str, Any]:
 
 @dataclass
 class ModelConfig:
-    """Either a local HF checkpoint (`path`) or a config to build with random init (`config`)."""
+    """Either a local HF checkpoint (`path`) or a config to build with random init (`config`); a recipe that sets
+    one clears the other's default. A recipe's `config` replaces the default one whole."""
 
     path: str | None = None
     config: dict[str, Any] | None = field(default_factory=_tiny_qwen3_moe)
@@ -88,8 +93,10 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100  # validation loss every N steps (0: only at the end)
     save_every: int = 200  # resumable checkpoint every N steps (0: never)
-    peak_tflops: float = 0.0  # for MFU; 0 picks the GPU's known bf16 peak (none on CPU)
+    peak_tflops: float = 0.0  # for MFU; 0 picks the GPU's datasheet dense peak (none on CPU)
     progress: bool = True
+    max_nonfinite_steps: int = 3  # a step whose loss or gradient norm is NaN/inf is skipped; past this many, stop
+    collective_timeout_s: float = 300.0  # under torchrun: how long a rank waits for the others before giving up
 
 
 @dataclass
@@ -109,7 +116,7 @@ class OutputConfig:
     tensorboard: bool = True  # used when the tensorboard package is installed
     plot: bool = True  # loss curve PNG, when matplotlib is installed
     export: bool = True  # standard HF checkpoint + tokenizer in DIR/final
-    overwrite: bool = True  # a fresh run (no --resume) replaces an earlier run's checkpoints; false: that is an error
+    overwrite: bool = False  # true: a fresh run (no --resume) replaces an earlier run in dir; false: that is an error
 
 
 @dataclass
@@ -138,6 +145,52 @@ CHOICES = {
     "schedule.decay": ("cosine", "linear", "constant"),
     "device": ("auto", "cpu", "cuda"),
 }
+
+
+def at_least(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= low), f"at least {low:g}"
+
+
+def above(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v > low), f"above {low:g}"
+
+
+def between(low: float, high: float, *, high_open: bool = False) -> tuple[Callable[[float], bool], str]:
+    if high_open:
+        return (lambda v: low <= v < high), f"in [{low:g}, {high:g})"
+    return (lambda v: low <= v <= high), f"in [{low:g}, {high:g}]"
+
+
+# The range of every numeric key, checked when the key is set (a list's bound holds for each item).
+BOUNDS = {
+    "seed": at_least(0),
+    "data.max_seq_len": at_least(2),
+    "optim.lr": above(0),
+    "optim.weight_decay": at_least(0),
+    "optim.betas": between(0, 1, high_open=True),
+    "optim.eps": above(0),
+    "schedule.warmup_steps": at_least(0),
+    "schedule.min_lr_ratio": between(0, 1),
+    "train.max_steps": at_least(0),
+    "train.epochs": at_least(0),
+    "train.batch_size": at_least(1),
+    "train.grad_accum": at_least(1),
+    "train.grad_clip": at_least(0),
+    "train.router_aux_loss_coef": at_least(0),
+    "train.log_every": at_least(1),
+    "train.eval_every": at_least(0),
+    "train.save_every": at_least(0),
+    "train.peak_tflops": at_least(0),
+    "train.max_nonfinite_steps": at_least(0),
+    "train.collective_timeout_s": above(0),
+    "eval.num_samples": at_least(0),
+    "eval.max_new_tokens": at_least(1),
+    "eval.batch_size": at_least(1),
+    "output.keep_checkpoints": at_least(1),
+}
+
+# Keys of which a recipe sets one: setting one (in the file, or in an override) clears the other's default.
+EXCLUSIVE = [("model.path", "model.config")]
 
 
 def _type_name(tp: Any) -> str:
@@ -177,14 +230,19 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             return value
         raise RecipeError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise RecipeError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if number is None:
+            raise RecipeError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(number):
+            raise RecipeError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -192,33 +250,88 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"recipe field {key} has an unsupported type {tp}")
 
 
-def _merge(obj: Any, values: dict[str, Any], prefix: str = "") -> None:
-    """Set `values` onto the dataclass `obj`, recursing into nested sections; unknown keys are errors."""
+def _check_bounds(key: str, value: Any) -> None:
+    if key not in BOUNDS or value is None:
+        return
+    ok, text = BOUNDS[key]
+    for item in value if isinstance(value, list) else [value]:
+        if not ok(item):
+            raise RecipeError(f"{key}: must be {text}, got {value!r}")
+
+
+def _merge(obj: Any, values: dict[str, Any], prefix: str = "", seen: set[str] | None = None) -> None:
+    """Set `values` onto the dataclass `obj`, recursing into nested sections; unknown keys are errors. A mapping
+    value (model.config, distributed) replaces the default one whole; `seen` collects the dotted keys set."""
     hints = typing.get_type_hints(type(obj))
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
         dotted = f"{prefix}{key}"
         if key not in hints:
-            raise RecipeError(f"unknown recipe key {dotted!r}; valid keys here: {', '.join(names)}")
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]!s}?)" if close else ""
+            raise RecipeError(f"unknown recipe key {dotted!r}{hint}; valid keys here: {', '.join(names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise RecipeError(f"{dotted}: expected a section (mapping), got {type(value).__name__} {value!r}")
-            _merge(current, value, dotted + ".")
+            _merge(current, value, dotted + ".", seen)
             continue
         value = _check_value(dotted, value, hints[key])
-        if isinstance(current, dict) and isinstance(value, dict):
-            value = {**current, **value}  # `--model.config.num_experts 4` changes one entry, not the whole dict
         if dotted in CHOICES and value not in CHOICES[dotted]:
             raise RecipeError(f"{dotted}: {value!r} is not one of {', '.join(CHOICES[dotted])}")
+        _check_bounds(dotted, value)
         setattr(obj, key, value)
+        if seen is not None:
+            seen.add(dotted)
 
 
-def _nest(dotted: str, value: Any) -> dict[str, Any]:
+def _override(recipe: Recipe, key: str, value: Any) -> dict[str, Any]:
+    """The nested mapping that sets one dotted key. A key that goes inside a mapping-valued field
+    (`--model.config.num_experts 4`) changes that one entry of the current mapping, not the whole mapping."""
+    parts = key.split(".")
+    obj: Any = recipe
+    depth = 0
+    while depth < len(parts) - 1 and dataclasses.is_dataclass(getattr(obj, parts[depth], None)):
+        obj = getattr(obj, parts[depth])
+        depth += 1
+    inner = parts[depth + 1:]
+    current = getattr(obj, parts[depth], None) if dataclasses.is_dataclass(obj) else None
+    if inner and (current is None or isinstance(current, dict)) and parts[depth] in typing.get_type_hints(type(obj)):
+        whole = dict(current or {})
+        entry = whole
+        for part in inner[:-1]:
+            entry[part] = dict(entry.get(part) or {})
+            entry = entry[part]
+        entry[inner[-1]] = value
+        value, parts = whole, parts[: depth + 1]
     out: Any = value
-    for part in reversed(dotted.split(".")):
+    for part in reversed(parts):
         out = {part: out}
     return out
+
+
+def _apply(recipe: Recipe, values: dict[str, Any]) -> None:
+    """Merge one layer (the file, or one override) and settle the exclusive pairs it touched."""
+    seen: set[str] = set()
+    _merge(recipe, values, seen=seen)
+    for a, b in EXCLUSIVE:
+        for mine, other in ((a, b), (b, a)):
+            if mine in seen and other not in seen and _get(recipe, mine) is not None:
+                _set(recipe, other, None)
+        if a in seen and b in seen and _get(recipe, a) is not None and _get(recipe, b) is not None:
+            raise RecipeError(f"set one of {a} or {b}, not both")
+
+
+def _get(recipe: Recipe, dotted: str) -> Any:
+    obj: Any = recipe
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(recipe: Recipe, dotted: str, value: Any) -> None:
+    *parents, name = dotted.split(".")
+    setattr(_get(recipe, ".".join(parents)) if parents else recipe, name, value)
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
@@ -267,15 +380,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[tuple[str, Any]]
             raise RecipeError(f"recipe file {path} is not valid YAML: {e}") from e
         if not isinstance(values, dict):
             raise RecipeError(f"recipe file {path} must hold a mapping of sections, not {type(values).__name__}")
-        _merge(recipe, values)
+        _apply(recipe, values)
     for key, value in overrides:
-        _merge(recipe, _nest(key, value))
+        _apply(recipe, _override(recipe, key, value))
     validate(recipe)
     return recipe
 
 
 def validate(recipe: Recipe) -> None:
-    """Checks that need more than one key."""
+    """Checks that need more than one key, or the model's config class."""
     m, t = recipe.model, recipe.train
     if (m.path is None) == (m.config is None):
         raise RecipeError("model: set exactly one of model.path (a local HF checkpoint) or model.config")
@@ -285,10 +398,55 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("model.tokenizer: 'model' needs model.path; use 'char' or a local tokenizer path")
     if (t.max_steps > 0) == (t.epochs > 0):
         raise RecipeError("train: set exactly one of train.max_steps or train.epochs (the other to 0)")
-    for key in ("batch_size", "grad_accum", "log_every"):
-        if getattr(t, key) < 1:
-            raise RecipeError(f"train.{key}: must be at least 1, got {getattr(t, key)}")
-    if recipe.data.max_seq_len < 2:
-        raise RecipeError(f"data.max_seq_len: must be at least 2, got {recipe.data.max_seq_len}")
     if len(recipe.optim.betas) != 2:
         raise RecipeError(f"optim.betas: needs two numbers, got {recipe.optim.betas}")
+    if m.config is not None:
+        check_model_config(recipe)  # a model.path is checked when the run starts (the files are read then)
+
+
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
+# keys that models read with getattr although their config class does not declare them (kept as attributes)
+COMMON_CONFIG_KEYS = {"head_dim", "rope_theta", "rope_scaling"}
+
+
+def check_model_config(recipe: Recipe) -> None:
+    """model.config keys against the config class (a near-miss of a known key is a typo; other keys are kept as
+    attributes, which some models read), top-k against the
+    expert count, data.max_seq_len against max_position_embeddings."""
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    m = recipe.model
+    if m.config is not None:
+        values = {k: v for k, v in m.config.items() if k != "model_type"}
+        model_type = m.config["model_type"]
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING), n=1)
+            raise RecipeError(f"model.config.model_type: unknown model type {model_type!r}"
+                              + (f"; did you mean {close[0]!r}?" if close else ""))
+        cls = CONFIG_MAPPING[model_type]
+        known = set(cls().to_dict()) | set(inspect.signature(cls.__init__).parameters) | set(cls.attribute_map)
+        for key in values:
+            close = difflib.get_close_matches(key, sorted(known | COMMON_CONFIG_KEYS), n=1, cutoff=0.8)
+            if key not in known | COMMON_CONFIG_KEYS and close:
+                raise RecipeError(f"model.config.{key}: not a key of {cls.__name__}; did you mean {close[0]}?")
+        try:
+            config = cls(**values)
+        except (ValueError, TypeError) as e:
+            raise RecipeError(f"model.config: {cls.__name__} refuses these values: {e}") from e
+    else:
+        if not Path(m.path).is_dir():
+            raise RecipeError(f"model.path: no local checkpoint directory at {m.path}")
+        try:
+            config = AutoConfig.from_pretrained(m.path)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"model.path: {m.path} holds no readable config.json ({e})") from e
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    experts = next((getattr(config, k) for k in EXPERT_COUNT_KEYS if isinstance(getattr(config, k, None), int)), None)
+    top_k = next((getattr(config, k) for k in TOP_K_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if experts is not None and top_k is not None and not 1 <= top_k <= experts:
+        raise RecipeError(f"model.config: top-k ({top_k}) must be between 1 and the expert count ({experts})")
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and recipe.data.max_seq_len > positions:
+        raise RecipeError(f"data.max_seq_len: {recipe.data.max_seq_len} is above the model's max_position_embeddings "
+                          f"({positions}); lower data.max_seq_len or raise model.config.max_position_embeddings")

@@ -50,20 +50,31 @@ def read_rows(path: Path, key: str) -> list[tuple[str, Any]]:
     json; parquet/CSV/arrow go through the `datasets` library when it is installed."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        text = path.read_text(encoding="utf-8")
-        if suffix == ".json" and text.lstrip().startswith("["):
+        raw = path.read_bytes()
+        if suffix == ".json" and raw.lstrip().startswith(b"["):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecipeError(f"{key}: {path} is not UTF-8 text (at byte {e.start})") from e
             try:
                 return [(f"row {i + 1}", row) for i, row in enumerate(json.loads(text))]
             except json.JSONDecodeError as e:
                 raise RecipeError(f"{key}: {path} is not valid JSON: {e}") from e
         rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        for lineno, raw_line in enumerate(raw.splitlines(), start=1):
+            where = f"line {lineno}"
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append((where, BadRow(where, f"not UTF-8 text (byte {raw_line[e.start:e.start + 1]!r} at column "
+                                                  f"{e.start + 1})")))
+                continue
             if not line.strip():
                 continue
             try:
-                rows.append((f"line {lineno}", json.loads(line)))
+                rows.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
-                rows.append((f"line {lineno}", BadRow(f"line {lineno}", f"not valid JSON ({e.msg})")))
+                rows.append((where, BadRow(where, f"not valid JSON ({e.msg})")))
         return rows
     builders = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
     if suffix not in builders:
@@ -165,11 +176,37 @@ class Encoder:
         return Sample(ids, labels)
 
 
+SHOWN_PER_REASON = 5
+
+
+def _report(path: Path, bad: list[BadRow]) -> str:
+    """Bad rows grouped by reason, a few line numbers each (a file with the wrong keys is one line, not 400)."""
+    by_reason: dict[str, list[str]] = {}
+    for b in bad:
+        by_reason.setdefault(b.reason, []).append(b.where)
+    lines = []
+    for reason, where in by_reason.items():
+        more = f" and {len(where) - SHOWN_PER_REASON} more" if len(where) > SHOWN_PER_REASON else ""
+        lines.append(f"  {path}: {', '.join(where[:SHOWN_PER_REASON])}{more}: {reason}")
+    return "\n".join(lines)
+
+
+def _field_hint(rows: list[tuple[str, Any]], cfg: DataConfig) -> str:
+    keys = next((sorted(row) for _, row in rows if isinstance(row, dict)), None)
+    if keys is None:
+        return ""
+    return (f"\nthe rows have the keys {keys}: name yours with data.prompt_field and data.completion_field "
+            f"(now {cfg.prompt_field!r}, {cfg.completion_field!r}) or data.messages_field (now {cfg.messages_field!r})")
+
+
 def load_samples(spec: str, key: str, encoder: Encoder, bad_rows: str, log: Any = print) -> list[Sample]:
-    """Encode every row of the file; report bad rows by line number, then skip them or stop (data.bad_rows)."""
+    """Encode every row of the file; report bad rows by line number, then skip them or stop (data.bad_rows).
+    Rows with characters the tokenizer can only map to its unknown token are kept and reported."""
     path = resolve_path(spec, key)
-    samples, bad = [], []
-    for where, row in read_rows(path, key):
+    samples, bad, unknown = [], [], []
+    rows = read_rows(path, key)
+    unk = getattr(encoder.tok, "unk_token_id", None)
+    for where, row in rows:
         if isinstance(row, BadRow):
             bad.append(row)
             continue
@@ -179,13 +216,21 @@ def load_samples(spec: str, key: str, encoder: Encoder, bad_rows: str, log: Any 
             if isinstance(e, RecipeError):
                 raise
             bad.append(BadRow(where, str(e)))
-    if bad:
-        report = "\n".join(f"  {path}: {b.where}: {b.reason}" for b in bad)
-        if bad_rows == "error":
-            raise RecipeError(f"{key}: {len(bad)} bad row(s) (data.bad_rows is 'error'):\n{report}")
-        log(f"{key}: skipped {len(bad)} bad row(s):\n{report}")
+            continue
+        if unk is not None and unk in samples[-1].input_ids:
+            unknown.append(where)
+    if unknown:
+        log(f"{key}: {len(unknown)} row(s) hold characters the tokenizer does not know, trained as "
+            f"{encoder.tok.unk_token} ({path}: {', '.join(unknown[:SHOWN_PER_REASON])}"
+            f"{', ...' if len(unknown) > SHOWN_PER_REASON else ''}); the char tokenizer knows printable ASCII only")
+    missing_fields = any(b.reason.startswith("missing field") for b in bad)
+    hint = _field_hint(rows, encoder.cfg) if missing_fields else ""
     if not samples:
-        raise RecipeError(f"{key}: no usable rows in {path}")
+        raise RecipeError(f"{key}: no usable rows in {path}" + (f":\n{_report(path, bad)}" if bad else "") + hint)
+    if bad:
+        if bad_rows == "error":
+            raise RecipeError(f"{key}: {len(bad)} bad row(s) (data.bad_rows is 'error'):\n{_report(path, bad)}{hint}")
+        log(f"{key}: skipped {len(bad)} bad row(s):\n{_report(path, bad)}{hint}")
     return samples
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import resource
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# dense bf16 tensor-core peaks (FLOP/s) of GPUs worth naming; fp32 runs use the TF32 figure
+from .config import RecipeError
+
+# datasheet dense bf16 tensor-core peaks (FLOP/s) of GPUs worth naming; fp32 runs use the TF32 figure
 PEAK_FLOPS = {"H200": (989e12, 495e12), "H100": (989e12, 495e12), "A100": (312e12, 156e12)}
 
 
@@ -28,22 +31,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype, override_tflops: float)
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """6 x active parameters (routed experts count top_k/E of theirs; the input embedding is a lookup)
-    plus causal attention's 6 x layers x seq_len x attention width."""
-    cfg = model.config
-    experts = next((getattr(cfg, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
-                    if isinstance(getattr(cfg, k, None), int)), 1)
-    top_k = getattr(cfg, "num_experts_per_tok", None) or getattr(cfg, "moe_topk", None) or experts
-    embed = model.get_input_embeddings().weight
-    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embed
-    active = 0.0
-    for name, p in model.named_parameters():
-        if p is embed and not tied:
-            continue
-        frac = top_k / experts if ".experts." in name and "shared" not in name else 1.0
-        active += p.numel() * frac  # DTensor numel is the global size
-    heads = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-    return 6 * active + 6 * cfg.num_hidden_layers * seq_len * heads
+    """The model FLOPs per trained token of shared/BENCHMARKS.md (6 x active matmul parameters + attention),
+    counted the one way `automoe bench` counts them."""
+    from automoe.bench.workload import flops_per_token as bench_flops
+
+    return bench_flops(model.config, seq_len)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -64,11 +56,8 @@ class MetricsSink:
         out_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.is_file():
             # drop what the interrupted run logged after the checkpoint we resume from
-            lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line, record in self._read() if record.get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.is_file():
-            self.path.unlink()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -77,11 +66,26 @@ class MetricsSink:
             except ImportError:
                 self.tb = None
 
+    def _read(self) -> list[tuple[str, dict[str, Any]]]:
+        """(line, record) pairs; a torn last line (a kill mid-write) is dropped, a bad line elsewhere is an error."""
+        lines = self.path.read_text().splitlines()
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                out.append((line, json.loads(line)))
+            except json.JSONDecodeError as e:
+                if i == len(lines) - 1:
+                    continue
+                raise RecipeError(f"{self.path}: line {i + 1} is not JSON ({e.msg}); fix or delete that line") from e
+        return out
+
     def log(self, record: dict[str, Any]) -> None:
+        """One strict-JSON line: a NaN or infinite number is written as null."""
         if not self.enabled:
             return
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)):
@@ -90,7 +94,7 @@ class MetricsSink:
     def records(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines()]
+        return [record for _, record in self._read()]
 
     def close(self) -> None:
         if self.tb is not None:
@@ -113,8 +117,8 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss")

@@ -13,8 +13,12 @@ from transformers import AutoConfig, AutoTokenizer
 from automoe import AutoMoEForCausalLM
 
 from .config import ModelConfig, RecipeError
+from .faults import pause_point
+from .outdir import EXPORT_TMP, commit_export
 from .runtime import Runtime, barrier
 from .tokenizer import build_char_tokenizer
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
 def build_tokenizer(cfg: ModelConfig) -> Any:
@@ -23,7 +27,14 @@ def build_tokenizer(cfg: ModelConfig) -> Any:
     source = cfg.path if cfg.tokenizer == "model" else cfg.tokenizer
     if not Path(source).exists():
         raise RecipeError(f"model.tokenizer: tokenizer not found: {source}")
-    return AutoTokenizer.from_pretrained(source)
+    if Path(source).is_dir() and not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        raise RecipeError(f"model.tokenizer: {source} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                          "save the tokenizer there, point model.tokenizer at a tokenizer directory, or use "
+                          "model.tokenizer: char")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"model.tokenizer: cannot load the tokenizer in {source}: {e}") from e
 
 
 def build_config(cfg: ModelConfig, tokenizer: Any, aux_coef: float) -> Any:
@@ -62,8 +73,11 @@ def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_co
     if rt.setup is not None:
         kwargs["distributed_setup"] = rt.setup
     if path is not None:
-        model = AutoMoEForCausalLM.from_pretrained(path, output_router_logits=aux_coef > 0,
-                                                   router_aux_loss_coef=aux_coef, **kwargs)
+        try:
+            model = AutoMoEForCausalLM.from_pretrained(path, output_router_logits=aux_coef > 0,
+                                                       router_aux_loss_coef=aux_coef, **kwargs)
+        except (OSError, ValueError) as e:  # a truncated or damaged checkpoint, on every rank alike
+            raise RecipeError(f"model.path: cannot load the checkpoint in {path}: {e}") from e
     else:
         with torch.device(rt.device):  # initialise where it will train (a GPU inits 1B+ parameters in seconds)
             model = AutoMoEForCausalLM.from_config(build_config(cfg, tokenizer, aux_coef), **kwargs)
@@ -82,12 +96,16 @@ def build_model(cfg: ModelConfig, tokenizer: Any, rt: Runtime, seed: int, aux_co
 
 
 def export_hf(model: nn.Module, tokenizer: Any, out: Path, rt: Runtime) -> Path | None:
-    """A standard HF checkpoint + tokenizer in `out` (rank 0 writes; sharded tensors are gathered first)."""
+    """A standard HF checkpoint + tokenizer in `out` (rank 0 writes; sharded tensors are gathered first), written
+    into a temporary directory beside it and renamed into place: a kill never leaves a half export in `out`."""
+    tmp = out.with_name(EXPORT_TMP)
     if rt.setup is not None:  # collective: shards are gathered one layer at a time, rank 0 writes
-        model.save_pretrained(str(out), overwrite=True)
+        model.save_pretrained(str(tmp), overwrite=True)
     elif rt.is_main:
-        model.save_pretrained(out)
-    if not rt.is_main:
-        return None
-    tokenizer.save_pretrained(out)
-    return out
+        model.save_pretrained(tmp)
+    if rt.is_main:
+        tokenizer.save_pretrained(tmp)
+        pause_point("export")
+        commit_export(tmp, out)
+    barrier(rt)
+    return out if rt.is_main else None

@@ -6,8 +6,11 @@ in `automoe.train` asks this module for its rank, its share of the data and its 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -24,6 +27,7 @@ class Runtime:
     dp_size: int
     device: torch.device
     setup: Any  # automoe.distributed DistributedSetup, or None for one process
+    monitor: Any = None  # a gloo group that finds out which rank stopped answering when a collective fails
 
     @property
     def is_main(self) -> bool:
@@ -49,22 +53,26 @@ def init_runtime(recipe: Recipe) -> Runtime:
     device = pick_device(recipe.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:  # one process: the whole model is here, nothing to set up
+        ep_size = (recipe.distributed or {}).get("ep_size", 1)
+        if isinstance(ep_size, int) and ep_size > 1:
+            raise RecipeError(f"distributed.ep_size: {ep_size} needs {ep_size} processes, but this is one; launch with "
+                              f"torchrun --nproc-per-node {ep_size} -m automoe.cli finetune ..., or drop distributed")
         return Runtime(0, 1, 0, 1, device, None)
-    try:
-        from automoe.distributed import create_distributed_setup_from_config
-    except ImportError as e:
-        raise RecipeError(f"distributed: this automoe has no distributed support yet ({e})") from e
+    from automoe.distributed import create_distributed_setup_from_config
+
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    timeout = timedelta(seconds=recipe.train.collective_timeout_s)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+    monitor = dist.new_group(backend="gloo", timeout=timeout)
     try:
         setup = create_distributed_setup_from_config(dict(recipe.distributed or {}))
     except (ValueError, TypeError) as e:
         raise RecipeError(f"distributed: {e}") from e
     rank = dist.get_rank()
     # expert parallelism is orthogonal to data parallelism: every rank reads its own slice of the batch
-    return Runtime(rank, world_size, rank, world_size, setup.device, setup)
+    return Runtime(rank, world_size, rank, world_size, setup.device, setup, monitor)
 
 
 def all_sum(values: list[float], rt: Runtime) -> list[float]:
@@ -77,24 +85,54 @@ def all_sum(values: list[float], rt: Runtime) -> list[float]:
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
-    """Total gradient norm over all parameters, clipped to max_norm (0: only measured). Under EP + FSDP2 the
-    gradients are DTensors on different meshes (experts over `ep`, the rest over `dp_shard`), which one
-    torch.nn.utils.clip_grad_norm_ call cannot mix, so each mesh's norm is reduced on its own."""
-    groups: dict[Any, list[torch.Tensor]] = {}
-    for p in model.parameters():
-        if p.grad is not None:
-            key = (p.grad.device_mesh, p.grad.placements) if hasattr(p.grad, "device_mesh") else None
-            groups.setdefault(key, []).append(p.grad)
-    squares = []
-    for grads in groups.values():
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-        squares.append((norm.full_tensor() if hasattr(norm, "full_tensor") else norm).double() ** 2)
-    total = torch.stack(squares).sum().sqrt() if squares else torch.zeros((), dtype=torch.float64)
-    if max_norm > 0:
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for grads in groups.values():
-            torch._foreach_mul_(grads, coef.to(grads[0].device, torch.float32))
-    return float(total)
+    """Total gradient norm over all parameters (the same on every rank), clipped to max_norm (0: only measured)."""
+    from automoe.distributed.grad_norm import clip_grad_norm_
+
+    return float(clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf))
+
+
+def agree(rt: Runtime, problem: str | None) -> None:
+    """Raise the same RecipeError on every rank when any rank found a problem (a check made by one rank, or one
+    that may differ between ranks, must not leave the others waiting in the next collective)."""
+    problems = [problem]
+    if rt.distributed:
+        problems = [None] * rt.world_size
+        dist.all_gather_object(problems, problem)
+    found = [(rank, p) for rank, p in enumerate(problems) if p]
+    if found:
+        rank, first = found[0]
+        raise RecipeError(first if len(set(p for _, p in found)) == 1 else f"rank {rank}: {first}")
+
+
+def gather(rt: Runtime, value: Any) -> list[Any]:
+    """`value` of every rank, in rank order."""
+    if not rt.distributed:
+        return [value]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+COLLECTIVE_FAILURE = re.compile(r"timed out|connection (closed|reset)|broken pipe|NCCL", re.IGNORECASE)
+
+
+class RankStopped(RuntimeError):
+    """A collective failed because another rank stopped answering."""
+
+
+def explain_collective_failure(rt: Runtime, error: BaseException, where: str) -> BaseException:
+    """The error to raise for a failed collective: which ranks stopped answering, found with a short
+    monitored barrier on the gloo side group, or `error` itself when it is not a collective's failure."""
+    if not rt.distributed or rt.monitor is None or not COLLECTIVE_FAILURE.search(str(error)):
+        return error
+    try:
+        dist.monitored_barrier(group=rt.monitor, timeout=timedelta(seconds=10), wait_all_ranks=True)
+        silent = "no rank (all answered a check afterwards)"
+    except RuntimeError as e:
+        found = re.search(r"Ranks? ([\d, ]+) failed to pass", str(e))
+        silent = f"rank {found.group(1)}" if found else f"another rank ({e})"
+    return RankStopped(f"{where}: {silent} stopped answering; rank {rt.rank} gave up after train.collective_timeout_s "
+                       f"or a lost connection ({error})")
 
 
 def barrier(rt: Runtime) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,10 +29,30 @@ from .data import (
     resolve_path,
 )
 from .evaluate import eval_pairs, exact_match
+from .faults import pause_point
 from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses, progress_bar
 from .model import build_model, build_tokenizer, export_hf
-from .runtime import Runtime, all_sum, barrier, clip_grad_norm, init_runtime, shutdown
-from .state import clean_partial, complete_checkpoints, load_checkpoint, save_checkpoint
+from .outdir import prepare_output
+from .runtime import (
+    Runtime,
+    agree,
+    all_sum,
+    barrier,
+    clip_grad_norm,
+    explain_collective_failure,
+    gather,
+    init_runtime,
+    shutdown,
+)
+from .state import clean_partial, load_checkpoint, newest_verified_checkpoint, save_checkpoint
+from .stop import Interrupted, StopSignals
+
+# Keys that cannot change on --resume: they change the data, the model or the step plan the checkpoint belongs to.
+# Every other key (optim.lr, the schedule, max_steps, eval, output, ...) applies from the resumed step on.
+FIXED_ON_RESUME = ("seed", "model.path", "model.config", "model.tokenizer", "model.dtype", "model.init", "data.train",
+                   "data.format", "data.prompt_field", "data.completion_field", "data.messages_field",
+                   "data.chat_template", "data.max_seq_len", "data.packing", "data.shuffle", "train.batch_size",
+                   "optim.name", "distributed")
 
 
 def lr_lambda(recipe: Recipe, total_steps: int) -> Callable[[int], float]:
@@ -52,12 +71,42 @@ def lr_lambda(recipe: Recipe, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+def optimizer_hyperparameters(recipe: Recipe) -> dict[str, Any]:
     o = recipe.optim
-    params = [p for p in model.parameters() if p.requires_grad]
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return dict(lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
+    return dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+def make_optimizer(recipe: Recipe, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = torch.optim.SGD if recipe.optim.name == "sgd" else torch.optim.AdamW
+    return cls(params, **optimizer_hyperparameters(recipe))
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and f"{prefix}{key}" not in ("model.config", "distributed", "model.automoe_options"):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_on_resume(saved: dict[str, Any], recipe: Recipe, say: Callable[[str], None]) -> None:
+    """Say which changed keys apply from the resumed step on; stop on a change the checkpoint cannot take."""
+    before, now = _flat(saved), _flat(recipe.to_dict())
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    fixed = [k for k in changed if k.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        lines = "\n".join(f"  {k}: {before.get(k)!r} -> {now.get(k)!r}" for k in fixed)
+        raise RecipeError(f"--resume: these keys changed since the checkpoint and cannot change mid-run (they change "
+                          f"the data, the model or the step plan):\n{lines}\nrestore them, or start a new run in "
+                          "another output.dir")
+    if changed:
+        say("--resume: applying the changed keys: " + "; ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}"
+                                                              for k in changed))
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -102,11 +151,14 @@ def validation_loss(model, rows, recipe: Recipe, rt: Runtime, pad_id: int, micro
     return total / max(count, 1.0)
 
 
-def optimizer_step(model, optimizer, rows: list, micro: int, recipe: Recipe, rt: Runtime, pad_id: int):
-    """One optimizer step on the global batch `rows`: (mean loss per trained token, gradient norm).
+def optimizer_step(model, optimizer, rows: list, micro: int, recipe: Recipe, rt: Runtime, pad_id: int,
+                   stop_signal: int) -> tuple[float, float, bool]:
+    """One optimizer step on the global batch `rows`: (mean loss per trained token, gradient norm, whether any rank
+    was asked to stop). A step whose loss or gradient norm is not finite leaves the weights as they were.
 
     Each micro-batch's loss is its summed cross-entropy over the step's trained-token count (all ranks, all
-    micro-batches); FSDP2 averages gradients over the data-parallel ranks, hence the dp_size factor."""
+    micro-batches); FSDP2 averages gradients over the data-parallel ranks, hence the dp_size factor. The loss
+    and norm are global, so every rank makes the same decision; the stop flag rides on the same all-reduce."""
     t = recipe.train
     n_trained = max(trained_tokens(rows), 1)
     local_sum = 0.0
@@ -116,10 +168,21 @@ def optimizer_step(model, optimizer, rows: list, micro: int, recipe: Recipe, rt:
         loss.backward()
         local_sum += ce_sum
     grad_norm = clip_grad_norm(model, t.grad_clip)
-    optimizer.step()
+    loss_total, stops = all_sum([local_sum, float(stop_signal > 0)], rt)
+    mean = loss_total / n_trained
+    if math.isfinite(mean) and math.isfinite(grad_norm):
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    (loss_total,) = all_sum([local_sum], rt)
-    return loss_total / n_trained, grad_norm
+    return mean, grad_norm, stops > 0
+
+
+def model_is_finite(model: torch.nn.Module, rt: Runtime) -> bool:
+    """Every parameter on every rank is free of NaN and inf."""
+    bad = 0.0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        bad += float(not bool(torch.isfinite(local.detach()).all()))
+    return all_sum([bad], rt)[0] == 0
 
 
 def prepare_data(recipe: Recipe, tokenizer: Any, log: Callable[[str], None]):
@@ -138,45 +201,70 @@ def prepare_data(recipe: Recipe, tokenizer: Any, log: Callable[[str], None]):
     return train_rows, val_rows, pairs
 
 
+def _preflight(recipe: Recipe, rt: Runtime, say):
+    """Tokenizer, data, batch split and step plan: checked on every rank, agreed by all, before any model exists."""
+    from .config import check_model_config
+
+    result, problem = None, None
+    try:
+        if recipe.model.path is not None:
+            check_model_config(recipe)
+        tokenizer = build_tokenizer(recipe.model)
+        train_rows, val_rows, pairs = prepare_data(recipe, tokenizer, say)
+        t = recipe.train
+        if t.batch_size % (t.grad_accum * rt.dp_size):
+            raise RecipeError(f"train.batch_size: {t.batch_size} rows do not split into grad_accum ({t.grad_accum}) x "
+                              f"{rt.dp_size} data-parallel ranks; use a multiple of {t.grad_accum * rt.dp_size}")
+        plan = BatchPlan(train_rows, t.batch_size, recipe.seed, recipe.data.shuffle)
+        result = (tokenizer, train_rows, val_rows, pairs, plan, plan.total_steps(t.max_steps, t.epochs))
+    except RecipeError as e:
+        problem = str(e)
+    agree(rt, problem)
+    plans = gather(rt, (len(result[1]), result[5]))
+    if len(set(plans)) > 1:
+        ranks = ", ".join(f"rank {r}: {rows} packed rows, {steps} steps" for r, (rows, steps) in enumerate(plans))
+        raise RecipeError(f"the ranks disagree on the step plan ({ranks}); every rank must read the same data "
+                          f"(data.train {recipe.data.train} differs between them)")
+    return result
+
+
 def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train as the recipe says; returns a summary (final losses, accuracies, paths)."""
     rt = init_runtime(recipe)
     say = log if rt.is_main else (lambda _msg: None)
+    lock = None
+    try:
+        lock = prepare_output(recipe, resume, rt, say)
+        return _train(recipe, resume, rt, say)
+    finally:
+        if lock is not None:
+            lock.release()
+        shutdown(rt)
+
+
+def _train(recipe: Recipe, resume: bool, rt: Runtime, say: Callable[[str], None]) -> dict[str, Any]:
     out_dir = Path(recipe.output.dir)
     ckpt_root = out_dir / "checkpoints"
-    tokenizer = build_tokenizer(recipe.model)
-    train_rows, val_rows, pairs = prepare_data(recipe, tokenizer, say)
     t = recipe.train
-    if t.batch_size % (t.grad_accum * rt.dp_size):
-        raise RecipeError(f"train.batch_size: {t.batch_size} rows do not split into grad_accum ({t.grad_accum}) x "
-                          f"{rt.dp_size} data-parallel ranks; use a multiple of {t.grad_accum * rt.dp_size}")
+    tokenizer, train_rows, val_rows, pairs, plan, total_steps = _preflight(recipe, rt, say)
     micro = t.batch_size // (t.grad_accum * rt.dp_size)
-    plan = BatchPlan(train_rows, t.batch_size, recipe.seed, recipe.data.shuffle)
-    total_steps = plan.total_steps(t.max_steps, t.epochs)
     resume_from = None
-    if not resume and not recipe.output.overwrite and complete_checkpoints(ckpt_root):
-        raise RecipeError(f"output.dir: {out_dir} holds checkpoints of an earlier run; pass --resume to continue it, "
-                          "or choose another output.dir (output.overwrite: true replaces them)")
     if resume:
         clean_partial(ckpt_root, rt)
-        found = complete_checkpoints(ckpt_root)
-        if not found:
-            raise RecipeError(f"--resume: no complete checkpoint in {ckpt_root}")
-        resume_from = found[-1]
+        resume_from, manifest = newest_verified_checkpoint(ckpt_root, rt, say)
+        changed_on_resume(manifest["recipe"], recipe, say)
 
     model = build_model(recipe.model, tokenizer, rt, recipe.seed, t.router_aux_loss_coef, out_dir / "init")
     model.train()
     optimizer = make_optimizer(recipe, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
+    schedule = lr_lambda(recipe, total_steps)
     start = 0
     if resume_from is not None:
         extra = load_checkpoint(resume_from, model, optimizer, rt)
-        scheduler.load_state_dict(extra["scheduler"])
+        for group in optimizer.param_groups:  # the recipe's hyperparameters, not the saved ones
+            group.update(optimizer_hyperparameters(recipe))
         start = extra["step"]
         say(f"resumed from {resume_from} (step {start} of {total_steps})")
-    elif rt.is_main and ckpt_root.exists():
-        say(f"removing the checkpoints of an earlier run in {ckpt_root} (output.overwrite is true)")
-        shutil.rmtree(ckpt_root)
     barrier(rt)
 
     sink = MetricsSink(out_dir, rt.is_main, recipe.output.tensorboard, start if resume_from else None)
@@ -191,42 +279,73 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         say(f"exact match before training: {acc:.1%} on {len(pairs)} held-out prompts")
         sink.log({"step": 0, "exact_match": acc})
 
+    def save(done: int) -> Path:
+        if not model_is_finite(model, rt):
+            raise RecipeError(f"step {done}: the model holds NaN or inf values; it is not checkpointed (the earlier "
+                              f"checkpoints in {ckpt_root} are kept). Lower optim.lr or set train.grad_clip, then "
+                              "--resume")
+        return save_checkpoint(ckpt_root, done, model, optimizer, {"epoch": plan.epoch_of(done)}, recipe.to_dict(),
+                               rt, recipe.output.keep_checkpoints)
+
     fpt = flops_per_token(model, recipe.data.max_seq_len)
     compute_dtype = getattr(rt.setup, "param_dtype", None) or next(model.parameters()).dtype  # FSDP2 casts to it
     peak = peak_flops(rt.device, compute_dtype, t.peak_tflops)
     bar = progress_bar(total_steps, start, rt.is_main and t.progress)
-    run_tokens, run_start, loss = 0, time.perf_counter(), float("nan")
-    for step in range(start, total_steps):
-        step_start = time.perf_counter()
-        rows = plan.step_rows(step)
-        lr = scheduler.get_last_lr()[0]
-        loss, grad_norm = optimizer_step(model, optimizer, rows, micro, recipe, rt, tokenizer.pad_token_id)
-        scheduler.step()
-        now, tokens = time.perf_counter(), real_tokens(rows)  # loss.item() above waited for the device
-        run_tokens += tokens
-        done = step + 1
-        tps = tokens / (now - step_start)  # this step, all ranks
-        record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
-                  "step_s": now - step_start, "epoch": plan.epoch_of(done), "peak_mem_gib": peak_memory_gib(rt.device)}
-        if peak:
-            record["mfu"] = tps * fpt / (peak * rt.world_size)
-        if done % t.log_every == 0 or done == total_steps:
-            avg = run_tokens / (now - run_start)  # since this process started training
-            bar.set_postfix_str(
-                f"loss {loss:.4f} | {avg:,.0f} tok/s"
-                + (f" | MFU {avg * fpt / (peak * rt.world_size):.1%}" if peak else "")
-                + f" | mem {record['peak_mem_gib']:.2f} GiB",
-                refresh=False,
-            )
-        if val_rows and ((t.eval_every and done % t.eval_every == 0) or done == total_steps):
-            record["val_loss"] = validation_loss(model, val_rows, recipe, rt, tokenizer.pad_token_id, micro)
-            if rt.is_main:
-                bar.write(f"step {done}: train loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
-        sink.log(record)
-        bar.update(1)
-        if t.save_every and done % t.save_every == 0 and done < total_steps:
-            extra = {"scheduler": scheduler.state_dict(), "epoch": plan.epoch_of(done)}
-            save_checkpoint(ckpt_root, done, model, optimizer, extra, rt, recipe.output.keep_checkpoints)
+    run_tokens, run_start, loss, nonfinite = 0, time.perf_counter(), float("nan"), 0
+    with StopSignals() as signals:
+        for step in range(start, total_steps):
+            done = step + 1
+            pause_point(f"step_{done}_rank{rt.rank}")
+            step_start = time.perf_counter()
+            rows = plan.step_rows(step)
+            lr = recipe.optim.lr * schedule(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                loss, grad_norm, stopping = optimizer_step(model, optimizer, rows, micro, recipe, rt,
+                                                           tokenizer.pad_token_id, signals.signum)
+            except RuntimeError as e:
+                raise explain_collective_failure(rt, e, f"step {done}") from e
+            now, tokens = time.perf_counter(), real_tokens(rows)  # loss.item() above waited for the device
+            run_tokens += tokens
+            tps = tokens / (now - step_start)  # this step, all ranks
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                      "step_s": now - step_start, "epoch": plan.epoch_of(done),
+                      "peak_mem_gib": peak_memory_gib(rt.device)}
+            if peak:
+                record["mfu_datasheet"] = tps * fpt / (peak * rt.world_size)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                nonfinite += 1
+                record["skipped"] = "non-finite loss or gradient norm"
+                sink.log(record)
+                say(f"step {done}: loss {loss}, gradient norm {grad_norm}: step skipped, the weights are unchanged "
+                    f"({nonfinite} so far, limit train.max_nonfinite_steps={t.max_nonfinite_steps})")
+                if nonfinite > t.max_nonfinite_steps:
+                    raise RecipeError(f"step {done}: {nonfinite} steps had a NaN or infinite loss or gradient norm "
+                                      f"(more than train.max_nonfinite_steps={t.max_nonfinite_steps}); the run stops "
+                                      f"without exporting. Lower optim.lr (now {recipe.optim.lr:g}) or set "
+                                      f"train.grad_clip, then --resume from the last checkpoint in {ckpt_root}")
+            else:
+                if done % t.log_every == 0 or done == total_steps:
+                    avg = run_tokens / (now - run_start)  # since this process started training
+                    bar.set_postfix_str(
+                        f"loss {loss:.4f} | {avg:,.0f} tok/s"
+                        + (f" | MFU {avg * fpt / (peak * rt.world_size):.1%} of datasheet peak" if peak else "")
+                        + f" | mem {record['peak_mem_gib']:.2f} GiB",
+                        refresh=False,
+                    )
+                if val_rows and ((t.eval_every and done % t.eval_every == 0) or done == total_steps):
+                    record["val_loss"] = validation_loss(model, val_rows, recipe, rt, tokenizer.pad_token_id, micro)
+                    if rt.is_main:
+                        bar.write(f"step {done}: train loss {loss:.4f}, validation loss {record['val_loss']:.4f}")
+                sink.log(record)
+            bar.update(1)
+            if stopping:
+                bar.close()
+                signum = signals.signum or 15  # a rank that was not signalled itself stops as SIGTERM would
+                raise Interrupted(signum, done, str(save(done)))
+            if t.save_every and (done % t.save_every == 0 or done == total_steps):
+                save(done)
     bar.close()
     summary["final_loss"] = loss
     if pairs:
@@ -238,6 +357,8 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         before = summary.get("exact_match_before")
         say(f"exact match after training: {acc:.1%}" + (f" (before: {before:.1%})" if before is not None else ""))
     if recipe.output.export:
+        if not model_is_finite(model, rt):
+            raise RecipeError("the trained model holds NaN or inf values; it is not exported")
         final = export_hf(model, tokenizer, out_dir / "final", rt)
         if final is not None:
             summary["export_dir"] = str(final)
@@ -250,5 +371,4 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
     say(f"metrics: {sink.path}")
     sink.close()
     barrier(rt)
-    shutdown(rt)
     return summary
