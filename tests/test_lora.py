@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tiny_configs import make_config
 from transformers import AutoModelForCausalLM
 
+from automoe import AutoMoEForCausalLM
 from automoe.families.recognize import experts_spec
 from automoe.kernels.lora_experts import routed_lora_experts, routed_lora_experts_reference
-from automoe.moe.lora import expert_adapters
+from automoe.moe.block import MoEBlock
+from automoe.moe.lora import adapter_factors, split_param_wrappers
 
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "qwen2_moe"]
 # an expert intermediate size with 2I != H, so a projection adapted the wrong way round cannot match by shape
@@ -44,6 +46,12 @@ def every_expert_routing(num_tokens: int, top_k: int, num_experts: int) -> tuple
     return ids, weights
 
 
+def expert_adapters(wrapper, spec):
+    """(the experts under peft's wrappers, gate/up factors, down factors) in fp32."""
+    base, wrappers = split_param_wrappers(wrapper)
+    return (base, *adapter_factors(wrappers, spec, torch.float32))
+
+
 def moe_experts(peft_model):
     return [layer.mlp.experts for layer in peft_model.base_model.model.model.layers if hasattr(layer.mlp, "experts")]
 
@@ -70,7 +78,7 @@ def test_routed_lora_matches_hf_peft(family, path):
     ref = wrapper(x, ids, weights)
     ref_grads = torch.autograd.grad((ref * probe).sum(), [x, weights, *adapter_params(wrapper).values()])
 
-    experts, gate_up, down = expert_adapters(wrapper, spec, torch.float32)
+    experts, gate_up, down = expert_adapters(wrapper, spec)
     assert experts is base and gate_up is not None and down is not None
     biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if spec.has_bias else (None, None)
     args = (x, ids, weights, experts.gate_up_proj, experts.down_proj, biases, gate_up, down, spec,
@@ -94,7 +102,7 @@ def test_frozen_base_gets_no_gradient_and_ranks_pad():
     model = hf_peft_model("qwen3_moe", lora_config(r=3))
     wrapper = moe_experts(model)[-1]
     spec = experts_spec(wrapper.get_base_layer())
-    experts, gate_up, down = expert_adapters(wrapper, spec, torch.float32)
+    experts, gate_up, down = expert_adapters(wrapper, spec)
     assert gate_up[0].shape[-1] == 8 and down[1].shape[1] == 8
     assert not experts.gate_up_proj.requires_grad and not experts.down_proj.requires_grad
     x = torch.randn(10, spec.hidden_size)
@@ -115,11 +123,11 @@ def test_disabled_merged_and_inactive_adapters_add_nothing():
     wrapper = moe_experts(model)[-1]
     spec = experts_spec(wrapper.get_base_layer())
     with model.disable_adapter():
-        assert expert_adapters(wrapper, spec, torch.float32)[1:] == (None, None)
+        assert expert_adapters(wrapper, spec)[1:] == (None, None)
     model.merge_adapter()
-    assert expert_adapters(wrapper, spec, torch.float32)[1:] == (None, None)
+    assert expert_adapters(wrapper, spec)[1:] == (None, None)
     model.unmerge_adapter()
-    assert all(f is not None for f in expert_adapters(wrapper, spec, torch.float32)[1:])
+    assert all(f is not None for f in expert_adapters(wrapper, spec)[1:])
 
 
 def test_two_active_adapters_sum():
@@ -129,7 +137,7 @@ def test_two_active_adapters_sum():
     model.base_model.set_adapter(["default", "second"])
     wrapper = moe_experts(model)[-1]
     spec = experts_spec(wrapper.get_base_layer())
-    experts, gate_up, down = expert_adapters(wrapper, spec, torch.float32)
+    experts, gate_up, down = expert_adapters(wrapper, spec)
     x = torch.randn(10, spec.hidden_size)
     ids, weights = every_expert_routing(10, 2, spec.num_experts)
     out = routed_lora_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, (None, None), gate_up, down,
@@ -145,4 +153,86 @@ def test_wrong_orientation_is_named():
     spec = experts_spec(wrapper.get_base_layer())
     wrong = type(spec)(**{**spec.__dict__, "transposed": False, "hidden_size": 24, "intermediate_size": 16})
     with pytest.raises(ValueError, match="is_transposed"):
-        expert_adapters(wrapper, wrong, torch.float32)
+        expert_adapters(wrapper, wrong)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    family = request.param
+    torch.manual_seed(0)
+    hf_config = make_config(family, **{INTERMEDIATE_KEY.get(family, "intermediate_size"): 24})
+    path = tmp_path_factory.mktemp(family)
+    AutoModelForCausalLM.from_config(hf_config).save_pretrained(path)
+    return family, path
+
+
+def peft_models(path, options: dict | None = None):
+    """(HF eager experts + peft, automoe + peft) with the same LoraConfig and the same adapter values."""
+    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager"), lora_config())
+    ours = get_peft_model(AutoMoEForCausalLM.from_pretrained(path, automoe_options=options), lora_config())
+    set_peft_model_state_dict(ours, get_peft_model_state_dict(ref))
+    return ref, ours
+
+
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kernels", ["auto", "off"])
+def test_peft_on_automoe_matches_hf_peft(checkpoint, kernels):
+    """Unchanged peft code on an automoe model: the same adapters (names, shapes), loss and logits, and the gradient
+    of every adapter tensor, against HF's eager experts + peft; base weights and router stay frozen."""
+    family, path = checkpoint
+    ref, ours = peft_models(path, {"kernels": kernels})
+    assert any(isinstance(m, MoEBlock) for m in ours.modules())
+    ref_params, params = trainable(ref), trainable(ours)
+    assert {n: p.shape for n, p in params.items()} == {n: p.shape for n, p in ref_params.items()}
+    assert any("experts" in n for n in params) and all("lora_" in n for n in params)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    out_ref, out = ref(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert rel(out.logits, out_ref.logits) < 1e-4
+    assert rel(out.loss, out_ref.loss) < 1e-4
+    out_ref.loss.backward()
+    out.loss.backward()
+    for name, param in params.items():
+        assert param.grad is not None, f"{family}: {name} got no gradient"
+        assert rel(param.grad, ref_params[name].grad) < 1e-3, f"{family}: gradient of {name}"
+    assert all(p.grad is None for n, p in ours.named_parameters() if n not in params)
+
+
+def test_every_expert_adapter_trains_under_a_router_reaching_every_expert(checkpoint):
+    family, path = checkpoint
+    model = get_peft_model(AutoMoEForCausalLM.from_pretrained(path, automoe_options={"router": "balanced"}),
+                           lora_config())
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    model(input_ids=ids, labels=ids).loss.backward()
+    for wrapper in moe_experts(model):
+        for name, param in adapter_params(wrapper).items():
+            grad = param.grad
+            per_expert = grad.view(wrapper.num_experts, -1, grad.shape[-1]) if "lora_A" in name else (
+                grad.view(grad.shape[0], -1, wrapper.num_experts).transpose(0, 2))
+            assert (per_expert.flatten(1).abs().amax(1) > 0).all(), f"{family}: an expert of {name} got no gradient"
+
+
+def test_adapter_loads_into_plain_hf_peft_and_merges(checkpoint, tmp_path):
+    """peft's save_pretrained of the automoe model is a standard adapter: plain transformers + peft loads it and
+    computes the same logits; merge_and_unload() gives the same logits and saves a plain HF checkpoint."""
+    family, path = checkpoint
+    _, ours = peft_models(path)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
+    ours.eval()
+    with torch.no_grad():
+        logits = ours(input_ids=ids).logits
+    ours.save_pretrained(tmp_path / "adapter")
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager"),
+                                      tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert rel(plain(input_ids=ids).logits, logits) < 1e-4
+    merged = ours.merge_and_unload()
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        assert rel(merged(input_ids=ids).logits, logits) < 1e-4
+    merged.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", experts_implementation="eager").eval()
+    with torch.no_grad():
+        assert rel(reloaded(input_ids=ids).logits, logits) < 1e-4

@@ -16,6 +16,9 @@ and both to HF + peft.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -24,7 +27,7 @@ from ..moe.experts import grouped_mm as _grouped_mm
 from ..moe.experts import weight_in_out as _in_out
 from ..moe.spec import ExpertsSpec
 from .combine import unpermute_sum
-from .moe import RECOMPUTE_ABOVE_TOKENS, _param_grad, expert_of_rows, route_order, routing_matrix
+from .moe import RECOMPUTE_ABOVE_TOKENS, _param_grad, expert_of_rows, route_order, routed_experts, routing_matrix
 from .swiglu import weighted_activation, weighted_activation_backward
 
 LoraFactors = tuple[torch.Tensor, torch.Tensor]  # (a [E, in, r], b [E, r, out]) with the scaling folded into b
@@ -147,6 +150,27 @@ def routed_lora_experts(
     return RoutedLoraExperts.apply(
         x, topk_ids, topk_weights, gate_up_proj, down_proj, *biases, a1, b1, a2, b2, spec, act_fn, mode
     )
+
+
+def routed_experts_with_adapters(
+    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: nn.Module, mode: str
+) -> torch.Tensor:
+    """What the MoE block calls for its routed experts: `experts` is automoe's Experts module, or peft's
+    ParamWrappers around it; with adapters active, their LoRA is computed on the routed tokens."""
+    from ..moe.lora import adapter_factors, split_param_wrappers
+
+    base, wrappers = split_param_wrappers(experts)
+    gate_up, down = adapter_factors(wrappers, base.spec, base.gate_up_proj.dtype)
+    if gate_up is None and down is None:
+        return routed_experts(x, topk_ids, topk_weights, base, mode)
+    biases = (base.gate_up_proj_bias, base.down_proj_bias) if base.spec.has_bias else (None, None)
+    return routed_lora_experts(x, topk_ids, topk_weights, base.gate_up_proj, base.down_proj, biases, gate_up, down,
+                               base.spec, base.act_fn, mode)
+
+
+def routed_experts_fn(mode: str) -> Callable[..., torch.Tensor]:
+    """The block's fused routed-experts call (a partial, not a closure, so the model still pickles)."""
+    return functools.partial(routed_experts_with_adapters, mode=mode)
 
 
 def routed_lora_experts_reference(

@@ -87,12 +87,10 @@ def lora_factors(wrapper: nn.Module, spec: ExpertsSpec, dtype: torch.dtype) -> L
     return a, b.contiguous()
 
 
-def expert_adapters(
-    experts: nn.Module, spec: ExpertsSpec, dtype: torch.dtype
-) -> tuple[nn.Module, LoraFactors | None, LoraFactors | None]:
-    """(the plain experts module, gate/up factors or None, down factors or None) for what the block holds."""
-    base, wrappers = split_param_wrappers(experts)
-    gate_up, down = (
+def adapter_factors(
+    wrappers: dict[str, nn.Module], spec: ExpertsSpec, dtype: torch.dtype
+) -> tuple[LoraFactors | None, LoraFactors | None]:
+    """(gate/up factors or None, down factors or None) from `split_param_wrappers`' wrappers."""
+    return tuple(  # type: ignore[return-value]
         lora_factors(wrappers[name], spec, dtype) if name in wrappers else None for name in ADAPTED_PARAMETERS
     )
-    return base, gate_up, down
