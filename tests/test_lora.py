@@ -236,3 +236,37 @@ def test_adapter_loads_into_plain_hf_peft_and_merges(checkpoint, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", experts_implementation="eager").eval()
     with torch.no_grad():
         assert rel(reloaded(input_ids=ids).logits, logits) < 1e-4
+
+
+def test_lora_bench_model_checkpointing_and_fewer_layers():
+    """The --lora bench's model: automoe + peft built without transformers' init; activation checkpointing gives
+    the same loss and adapter gradients; dropping layers leaves a smaller model that still trains."""
+    import argparse
+
+    from automoe.bench.lora import build, keep_layers, set_checkpointing
+    from automoe.bench.workload import make_config as bench_config
+
+    config = bench_config("tiny")
+    model = build("automoe", config, torch.device("cpu"), argparse.Namespace(seed=0, kernels="auto", rank=8))
+    assert any(isinstance(m, MoEBlock) for m in model.modules())
+    assert {p.dtype for p in trainable(model).values()} == {torch.float32}
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in trainable(model))
+    assert any("experts.lora_A" in n for n in trainable(model)) and any("q_proj.lora_A" in n for n in trainable(model))
+    for p in trainable(model).values():
+        torch.nn.init.normal_(p, std=0.02)  # peft's zero B would leave A without gradient
+    ids = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        loss = model(input_ids=ids, labels=ids).loss
+        grads = torch.autograd.grad(loss, list(trainable(model).values()))
+        return loss.detach(), grads
+
+    loss, grads = loss_and_grads()
+    set_checkpointing(model, True)
+    loss_ac, grads_ac = loss_and_grads()
+    assert rel(loss_ac, loss) < 1e-3
+    assert all(rel(a, b) < 1e-2 for a, b in zip(grads_ac, grads, strict=True))
+    before = len(trainable(model))
+    keep_layers(model, 1)
+    assert len(model.get_base_model().model.layers) == 1 and len(trainable(model)) == before // 2
+    loss_and_grads()
