@@ -10,8 +10,11 @@ from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM
 from automoe.families.recognize import experts_spec
-from automoe.kernels.lora_experts import routed_lora_experts, routed_lora_experts_reference
+from automoe.kernels.moe import fused_experts_fn
+from automoe.moe.adopt import adopt_tensors
 from automoe.moe.block import MoEBlock
+from automoe.moe.dispatch import expert_rows
+from automoe.moe.experts import Experts
 from automoe.moe.lora import adapter_factors, split_param_wrappers
 
 FAMILIES = ["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "qwen2_moe"]
@@ -60,34 +63,42 @@ def adapter_params(wrapper) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in wrapper.named_parameters() if "lora_" in n}
 
 
+def automoe_experts(hf_experts, spec, path: str) -> Experts:
+    """automoe's Experts holding the HF module's very tensors, on one of its three paths."""
+    experts = Experts(spec, getattr(hf_experts, "act_fn", None), "per_expert" if path == "per_expert" else "grouped_mm")
+    names = ["gate_up_proj", "down_proj"] + ["gate_up_proj_bias", "down_proj_bias"] * spec.has_bias
+    adopt_tensors(experts, hf_experts, names)
+    if path == "fused":
+        experts.fused_forward = fused_experts_fn("torch")
+    return experts
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("path", ["function", "reference"])
+@pytest.mark.parametrize("path", ["fused", "grouped_mm", "per_expert"])
 def test_routed_lora_matches_hf_peft(family, path):
-    """One MoE layer's experts: automoe's routed-token LoRA against peft's W + B·A on HF's eager experts, output
-    and the gradient of every adapter tensor, of x and of the routing weights; every expert's adapter is trained."""
+    """One MoE layer's experts: automoe's routed-row LoRA (fused Function, composed grouped_mm, per-expert loop)
+    against peft's W + B·A on HF's eager experts: output and the gradient of every adapter tensor, of the tokens and
+    of the routing weights; every expert's adapter is trained."""
     model = hf_peft_model(family)
     wrapper = moe_experts(model)[-1]
-    base = wrapper.get_base_layer()
+    base, wrappers = split_param_wrappers(wrapper)
+    assert base is wrapper.get_base_layer() and set(wrappers) == {"gate_up_proj", "down_proj"}
     spec = experts_spec(base)
     torch.manual_seed(1)
     x = torch.randn(12, spec.hidden_size, requires_grad=True)
     ids, weights = every_expert_routing(12, 2, spec.num_experts)
     weights.requires_grad_(True)
     probe = torch.randn(12, spec.hidden_size)
+    adapters = adapter_params(wrapper)
 
     ref = wrapper(x, ids, weights)
-    ref_grads = torch.autograd.grad((ref * probe).sum(), [x, weights, *adapter_params(wrapper).values()])
-
-    experts, gate_up, down = expert_adapters(wrapper, spec)
-    assert experts is base and gate_up is not None and down is not None
-    biases = (experts.gate_up_proj_bias, experts.down_proj_bias) if spec.has_bias else (None, None)
-    args = (x, ids, weights, experts.gate_up_proj, experts.down_proj, biases, gate_up, down, spec,
-            getattr(experts, "act_fn", None))
-    out = routed_lora_experts(*args, mode="torch") if path == "function" else routed_lora_experts_reference(*args)
-    grads = torch.autograd.grad((out * probe).sum(), [x, weights, *adapter_params(wrapper).values()])
+    ref_grads = torch.autograd.grad((ref * probe).sum(), [x, weights, *adapters.values()])
+    experts = automoe_experts(base, spec, path)
+    out = experts(x, expert_rows(ids, weights, spec.num_experts, ids.numel()), adapters=wrappers)
+    grads = torch.autograd.grad((out * probe).sum(), [x, weights, *adapters.values()])
 
     assert rel(out, ref) < 1e-4
-    names = ["x", "routing weights", *adapter_params(wrapper)]
+    names = ["x", "routing weights", *adapters]
     for name, grad, ref_grad in zip(names, grads, ref_grads, strict=True):
         assert rel(grad, ref_grad) < 1e-3, f"{family}: gradient of {name}"
     for name, grad in zip(names[2:], grads[2:], strict=True):
@@ -109,8 +120,8 @@ def test_frozen_base_gets_no_gradient_and_ranks_pad():
     ids, weights = every_expert_routing(10, 2, spec.num_experts)
     with torch.no_grad():
         ref = wrapper(x, ids, weights)
-    out = routed_lora_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, (None, None), gate_up, down,
-                              spec, experts.act_fn, mode="torch")
+    rows = expert_rows(ids, weights, spec.num_experts, ids.numel())
+    out = automoe_experts(experts, spec, "fused")(x, rows, adapters=split_param_wrappers(wrapper)[1])
     assert rel(out, ref) < 1e-4
     out.sum().backward()
     assert experts.gate_up_proj.grad is None and experts.down_proj.grad is None
@@ -140,9 +151,11 @@ def test_two_active_adapters_sum():
     experts, gate_up, down = expert_adapters(wrapper, spec)
     x = torch.randn(10, spec.hidden_size)
     ids, weights = every_expert_routing(10, 2, spec.num_experts)
-    out = routed_lora_experts(x, ids, weights, experts.gate_up_proj, experts.down_proj, (None, None), gate_up, down,
-                              spec, experts.act_fn, mode="torch")
-    assert rel(out, wrapper(x, ids, weights)) < 1e-4
+    with torch.no_grad():
+        ref = wrapper(x, ids, weights)
+    rows = expert_rows(ids, weights, spec.num_experts, ids.numel())
+    out = automoe_experts(experts, spec, "fused")(x, rows, adapters=split_param_wrappers(wrapper)[1])
+    assert gate_up[0].shape[-1] == 8 and rel(out, ref) < 1e-4
 
 
 def test_wrong_orientation_is_named():

@@ -8,21 +8,54 @@ is scaling * B_e @ A_e in the [out, in] sense, whichever way the parameter itsel
 experts' `is_transposed`). The block keeps peft's modules, names and tensors as they are (so save_pretrained,
 loading into plain HF + peft and merge_and_unload see what they see on the HF model) and only reads the factors
 from them, as views, in grouped_mm's orientation: a [E, in, r] and b [E, r, out], scaling folded into b.
+The projection math (`project` and its gradients) is shared by the fused Function (kernels.moe.RoutedExperts) and
+the composed path of Experts: on the routed rows a projection is y = x W_e + (x a_e) b_e, two grouped GEMMs of rank
+r beside the base one, never W + B·A; the rank-r product x a_e is all the Function keeps for backward ([rows, r],
+about 1 MB a layer at 4096 tokens).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .experts import grouped_mm as _grouped_mm
 from .spec import ExpertsSpec
 
-if TYPE_CHECKING:
-    from ..kernels.lora_experts import LoraFactors
+LoraFactors = tuple[torch.Tensor, torch.Tensor]  # (a [E, in, r], b [E, r, out]) with the scaling folded into b
+
+
+def project(inputs: torch.Tensor, weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None,
+            offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(inputs @ W_e + (inputs @ a_e) @ b_e, the rank-r product inputs @ a_e or None) per expert group of rows."""
+    out = _grouped_mm(inputs, weight, offs=offsets)
+    if a is None:
+        return out, None
+    low = _grouped_mm(inputs, a, offs=offsets)
+    return out + _grouped_mm(low, b, offs=offsets), low
+
+
+def project_input_grad(grad: torch.Tensor, weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None,
+                       offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(d inputs, d of the rank-r product or None) of `project` given d out."""
+    d_inputs = _grouped_mm(grad, weight.transpose(-2, -1), offs=offsets)
+    if a is None:
+        return d_inputs, None
+    d_low = _grouped_mm(grad, b.transpose(-2, -1), offs=offsets)
+    return d_inputs + _grouped_mm(d_low, a.transpose(-2, -1), offs=offsets), d_low
+
+
+def factor_grads(inputs: torch.Tensor, grad: torch.Tensor, low: torch.Tensor | None, d_low: torch.Tensor | None,
+                 offsets: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d a [E, in, r], d b [E, r, out]) per expert from the rows' inputs, d out, and the rank-r product and its
+    gradient; (None, None) without factors."""
+    if low is None:
+        return None, None
+    return _grouped_mm(inputs.t(), d_low, offs=offsets), _grouped_mm(low.t(), grad, offs=offsets)
+
 
 ADAPTED_PARAMETERS = ("gate_up_proj", "down_proj")
 # grouped_mm on CUDA wants 16-byte rows: ranks are padded with zero columns up to a multiple of this
