@@ -5,9 +5,9 @@ Three processes, one after the other, each printing its figures as it measures t
 leaves the others' figures):
   v5 + peft       the workload's layers at --seq (the issue expects an OOM at 48 layers), then fewer layers
                   (LAYER_TRIALS) until one fits: that layer count's step TPS, peak and peak above the weights;
+  automoe + peft  at the layer count v5 fitted, --seq, no checkpointing: the like-for-like comparison;
   automoe + peft  the workload's layers at --seq without activation checkpointing, then with it at --seq and
-                  doubling up to --max-seq (the longest sequence it trains);
-  automoe + peft  at the layer count v5 fitted, --seq, no checkpointing: the like-for-like comparison.
+                  doubling up to --max-seq (the longest sequence it trains).
 Weights are built on the device with `no_init_weights` and filled by one normal_ per tensor (transformers'
 per-module init is skipped), the base in bf16; peft makes the adapters fp32, as it does by default.
 """
@@ -255,10 +255,10 @@ def run_lora(args: argparse.Namespace) -> int:
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     v5 = run_job("v5", args, folder)
-    full = run_job("automoe_full", args, folder)
     v5_fit = fitted(v5)
     layers = v5_fit["layers"] if v5_fit else min(LAYER_TRIALS)
     matched = run_job("automoe_layers", args, folder, match_layers=layers)
+    full = run_job("automoe_full", args, folder)  # last: its longest sequences take the longest
     lines = summary(v5, full, matched, args.seq)
     print("\n".join(["", *lines]))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%M%S")
