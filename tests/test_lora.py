@@ -283,3 +283,48 @@ def test_lora_bench_model_checkpointing_and_fewer_layers():
     keep_layers(model, 1)
     assert len(model.get_base_model().model.layers) == 1 and len(trainable(model)) == before // 2
     loss_and_grads()
+
+
+def finetune_lora(out, max_steps: int, resume: bool = False, **extra):
+    from automoe.train.config import load_recipe
+    from automoe.train.trainer import run
+
+    overrides = {"lora.enabled": True, "lora.r": 4, "lora.alpha": 8, "output.dir": str(out),
+                 "train.max_steps": max_steps, "train.save_every": 3, "train.batch_size": 4, "train.progress": False,
+                 "eval.generate": False, "output.plot": False, "output.export": False, "schedule.warmup_steps": 2,
+                 **extra}
+    return run(load_recipe(overrides=list(overrides.items())), resume=resume)
+
+
+def logged_losses(out) -> dict[int, float]:
+    import json
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_finetune_lora_section_exports_adapter_and_merged_model_and_resumes(tmp_path):
+    """`automoe finetune` with `lora.enabled`: peft's adapter in DIR/adapter loads onto the initial model in plain
+    HF + peft and gives the exported merged model's logits; the run resumed from its step-3 checkpoint repeats
+    the uninterrupted run's losses."""
+
+    from automoe.train.config import load_recipe
+    from automoe.train.model import build_config, build_tokenizer
+
+    finetune_lora(tmp_path / "full", 6, **{"output.export": True, "train.log_every": 1})
+    adapter, final = tmp_path / "full" / "adapter", tmp_path / "full" / "final"
+    assert (adapter / "adapter_model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(final).eval()
+    recipe = load_recipe()
+    torch.manual_seed(recipe.seed)  # the recipe's initial weights, as build_model draws them
+    config = build_config(recipe.model, build_tokenizer(recipe.model), recipe.train.router_aux_loss_coef)
+    initial = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, recipe.model.dtype))
+    plain = PeftModel.from_pretrained(initial, adapter).eval()
+    ids = torch.randint(3, merged.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert rel(plain(input_ids=ids).logits, merged(input_ids=ids).logits) < 1e-4
+    full = logged_losses(tmp_path / "full")
+    assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step_00000003"]
+    finetune_lora(tmp_path / "full", 6, resume=True, **{"train.log_every": 1})
+    resumed = logged_losses(tmp_path / "full")  # the resumed run's steps 4-6 are logged last
+    assert all(abs(resumed[s] - full[s]) <= 1e-5 * abs(full[s]) for s in (4, 5, 6)), (full, resumed)

@@ -30,6 +30,7 @@ from .data import (
     resolve_path,
 )
 from .evaluate import eval_pairs, exact_match
+from .lora import add_lora, save_adapter_and_merge
 from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses, progress_bar
 from .model import build_model, build_tokenizer, export_hf
 from .runtime import Runtime, all_sum, barrier, clip_grad_norm, init_runtime, shutdown
@@ -165,6 +166,8 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         resume_from = found[-1]
 
     model = build_model(recipe.model, tokenizer, rt, recipe.seed, t.router_aux_loss_coef, out_dir / "init")
+    if recipe.lora.enabled:
+        model = add_lora(model, recipe.lora, rt)
     model.train()
     optimizer = make_optimizer(recipe, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe, total_steps))
@@ -238,7 +241,8 @@ def run(recipe: Recipe, resume: bool = False, log: Callable[[str], None] = print
         before = summary.get("exact_match_before")
         say(f"exact match after training: {acc:.1%}" + (f" (before: {before:.1%})" if before is not None else ""))
     if recipe.output.export:
-        final = export_hf(model, tokenizer, out_dir / "final", rt)
+        merged = save_adapter_and_merge(model, out_dir / "adapter", rt) if recipe.lora.enabled else model
+        final = export_hf(merged, tokenizer, out_dir / "final", rt)
         if final is not None:
             summary["export_dir"] = str(final)
             say(f"saved a standard Hugging Face checkpoint + tokenizer to {final}")
