@@ -53,6 +53,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--nemo-path", default=None,
                    help="folder NeMo AutoModel and its pinned transformers were pip-installed into (--target); put "
                         "first on the nemo column's PYTHONPATH only, so the other columns keep this transformers")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA on one GPU instead: automoe + peft against v5 + peft, q/k/v/o and both expert tensors "
+                        "(bench/lora.py says what it measures; --seq, --max-seq, --steps, --warmup apply)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank with --lora (alpha = 2 x rank)")
     args = p.parse_args(argv)
     args.column_list = [c.strip() for c in args.columns.split(",") if c.strip()]
     unknown = sorted(set(args.column_list) - set(COLUMNS))
@@ -127,6 +131,10 @@ def versions() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.lora:
+        from .lora import run_lora
+
+        return run_lora(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         import torch.distributed as dist

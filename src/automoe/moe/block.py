@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from .dispatch import LocalDispatcher
+from .lora import split_param_wrappers
 from .spec import BlockSpec
 
 
@@ -46,7 +49,10 @@ class MoEBlock(nn.Module):
             x = x * noise
         _, topk_weights, topk_ids = getattr(self, self.spec.router_attr)(x)
         side = (lambda: self._shared_experts(x)) if self.spec.shared_attr else None
-        out, shared = self.dispatcher(x, topk_ids, topk_weights, getattr(self, self.spec.experts_attr), side)
+        experts, adapters = split_param_wrappers(getattr(self, self.spec.experts_attr))
+        if adapters:  # peft's LoRA on the expert tensors: computed inside the experts, on the routed rows
+            experts = functools.partial(experts, adapters=adapters)
+        out, shared = self.dispatcher(x, topk_ids, topk_weights, experts, side)
         out = out.to(x.dtype)
         if shared is not None:
             out = out + shared

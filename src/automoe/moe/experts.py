@@ -70,6 +70,11 @@ class Experts(nn.Module):
         self.act_fn = act_fn
         self.backend = backend
 
+    @property
+    def is_transposed(self) -> bool:
+        """The layout flag transformers' use_experts_implementation declares; peft reads it to orient LoRA."""
+        return self.spec.transposed
+
     def local_tensor(self, name: str) -> torch.Tensor | None:
         """This rank's experts of tensor `name` as a plain tensor (the local shard of an EP DTensor), None where
         the experts have no such tensor."""
@@ -80,38 +85,62 @@ class Experts(nn.Module):
             tensor = tensor.to_local()
         return tensor if self.grad_scale is None else _ScaleGrad.apply(tensor, self.grad_scale)
 
-    def forward(self, tokens: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, rows: ExpertRows, adapters: dict[str, nn.Module] | None = None
+                ) -> torch.Tensor:
+        """`adapters`: peft's ParamWrappers around this module by the tensor each adapts (moe.lora), whose LoRA
+        is computed on the routed rows; the MoE block passes them."""
+        lora = self._lora_factors(adapters) if adapters else (None, None)
         if self.fused_forward is not None:
-            return self.fused_forward(self, tokens, rows)
+            return self.fused_forward(self, tokens, rows, lora=lora)
         w1 = weight_in_out(self.local_tensor("gate_up_proj"), self.spec)
         w2 = weight_in_out(self.local_tensor("down_proj"), self.spec)
         b1, b2 = self.local_tensor("gate_up_proj_bias"), self.local_tensor("down_proj_bias")
         xs = tokens[rows.token_of_row].to(w1.dtype)
         if self.backend == "grouped_mm":
-            out = self._grouped(xs, rows, w1, w2, b1, b2)
+            out = self._grouped(xs, rows, w1, w2, b1, b2, lora)
         else:
-            out = self._per_expert(xs, rows, w1, w2, b1, b2)
+            out = self._per_expert(xs, rows, w1, w2, b1, b2, lora)
         weighted = out * rows.weights.unsqueeze(-1)  # fp32 router weights keep the sum in fp32, as HF does
         summed = weighted.new_zeros(tokens.shape[0], weighted.shape[-1])
         return summed.index_add(0, rows.token_of_row, weighted)
 
-    def _grouped(self, xs, rows, w1, w2, b1, b2) -> torch.Tensor:
+    def _lora_factors(self, adapters: dict[str, nn.Module]) -> tuple:
+        from .lora import adapter_factors
+
+        if isinstance(self._parameters["gate_up_proj"], DTensor):
+            raise NotImplementedError(
+                "automoe: LoRA on the experts under expert parallelism (ep_size > 1) is not supported yet; train "
+                "with ep_size 1, or target attention/shared experts only (drop target_parameters)."
+            )
+        return adapter_factors(adapters, self.spec, self.gate_up_proj.dtype)
+
+    def _grouped(self, xs, rows, w1, w2, b1, b2, lora) -> torch.Tensor:
+        (a1, f1), (a2, f2) = (pair or (None, None) for pair in lora)
         if xs.shape[0] == 0:  # grouped_mm's backward fails on zero rows; the weights still get (zero) gradients
-            return xs.new_zeros(0, w2.shape[-1]) + sum(t.sum() * 0 for t in (w1, w2, b1, b2) if t is not None)
+            tensors = (w1, w2, b1, b2, a1, f1, a2, f2)
+            return xs.new_zeros(0, w2.shape[-1]) + sum(t.sum() * 0 for t in tensors if t is not None)
+        from .lora import project
+
         row_expert = rows.row_expert() if self.spec.has_bias else None
-        hidden = grouped_mm(xs, w1, offs=rows.offsets)
+        hidden, _ = project(xs, w1, a1, f1, rows.offsets)
         if b1 is not None:
             hidden = hidden + b1[row_expert]
-        out = grouped_mm(gated_activation(hidden, self.spec, self.act_fn), w2, offs=rows.offsets)
+        out, _ = project(gated_activation(hidden, self.spec, self.act_fn), w2, a2, f2, rows.offsets)
         return out if b2 is None else out + b2[row_expert]
 
-    def _per_expert(self, xs, rows, w1, w2, b1, b2) -> torch.Tensor:
+    def _per_expert(self, xs, rows, w1, w2, b1, b2, lora) -> torch.Tensor:
+        (a1, f1), (a2, f2) = (pair or (None, None) for pair in lora)
         pieces, start = [xs.new_zeros(0, w2.shape[-1])], 0
         for e, end in enumerate(rows.offsets.tolist()):
             hidden = xs[start:end] @ w1[e]
+            if a1 is not None:
+                hidden = hidden + (xs[start:end] @ a1[e]) @ f1[e]
             if b1 is not None:
                 hidden = hidden + b1[e]
-            hidden = gated_activation(hidden, self.spec, self.act_fn) @ w2[e]
+            act = gated_activation(hidden, self.spec, self.act_fn)
+            hidden = act @ w2[e]
+            if a2 is not None:
+                hidden = hidden + (act @ a2[e]) @ f2[e]
             pieces.append(hidden if b2 is None else hidden + b2[e])
             start = end
         return torch.cat(pieces)

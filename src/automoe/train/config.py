@@ -120,6 +120,20 @@ class OutputConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA through peft instead of a full fine-tune: only the adapters train; DIR/adapter is peft's adapter and
+    DIR/final the merged model. Expert tensors are adapted through target_parameters (peft allows no dropout there)."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_parameters: list[str] = field(
+        default_factory=lambda: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+
+
+@dataclass
 class Recipe:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -131,6 +145,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     distributed: dict[str, Any] | None = None  # the dict of automoe.create_distributed_setup_from_config
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

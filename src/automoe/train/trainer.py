@@ -30,6 +30,7 @@ from .data import (
 )
 from .evaluate import eval_pairs, exact_match
 from .faults import pause_point
+from .lora import add_lora, save_adapter_and_merge
 from .metrics import MetricsSink, flops_per_token, peak_flops, peak_memory_gib, plot_losses, progress_bar
 from .model import build_model, build_tokenizer, export_hf
 from .outdir import prepare_output
@@ -52,7 +53,7 @@ from .stop import Interrupted, StopSignals
 FIXED_ON_RESUME = ("seed", "model.path", "model.config", "model.tokenizer", "model.dtype", "model.init", "data.train",
                    "data.format", "data.prompt_field", "data.completion_field", "data.messages_field",
                    "data.chat_template", "data.max_seq_len", "data.packing", "data.shuffle", "train.batch_size",
-                   "optim.name", "distributed")
+                   "optim.name", "distributed", "lora")
 
 
 def lr_lambda(recipe: Recipe, total_steps: int) -> Callable[[int], float]:
@@ -255,6 +256,8 @@ def _train(recipe: Recipe, resume: bool, rt: Runtime, say: Callable[[str], None]
         changed_on_resume(manifest["recipe"], recipe, say)
 
     model = build_model(recipe.model, tokenizer, rt, recipe.seed, t.router_aux_loss_coef, out_dir / "init")
+    if recipe.lora.enabled:
+        model = add_lora(model, recipe.lora, rt)
     model.train()
     optimizer = make_optimizer(recipe, model)
     schedule = lr_lambda(recipe, total_steps)
@@ -359,7 +362,8 @@ def _train(recipe: Recipe, resume: bool, rt: Runtime, say: Callable[[str], None]
     if recipe.output.export:
         if not model_is_finite(model, rt):
             raise RecipeError("the trained model holds NaN or inf values; it is not exported")
-        final = export_hf(model, tokenizer, out_dir / "final", rt)
+        merged = save_adapter_and_merge(model, out_dir / "adapter", rt) if recipe.lora.enabled else model
+        final = export_hf(merged, tokenizer, out_dir / "final", rt)
         if final is not None:
             summary["export_dir"] = str(final)
             say(f"saved a standard Hugging Face checkpoint + tokenizer to {final}")
