@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from ..kernels.combine import GatherSum
 from ..moe.dispatch import Dispatched, Dispatcher, expert_rows, token_major
+from .collectives import all_to_all, register_group
 
 
 def destination_mask(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
@@ -31,31 +32,11 @@ def rows_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int)
     return destination_mask(topk_ids, num_experts, ep_size).sum(dim=0)
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with autograd: the backward sends gradients back along the same routes."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _all_to_all(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
-
-
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
-
-
 class AllToAllDispatcher(Dispatcher):
     """Dispatch over the ep process group; the experts see the tokens sent to this rank and their rows."""
 
     def __init__(self, num_experts: int, group: dist.ProcessGroup) -> None:
-        self.group = group
+        self.group = register_group(group)
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size:
@@ -71,8 +52,7 @@ class AllToAllDispatcher(Dispatcher):
         per_expert.scatter_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids.reshape(-1)))
         # [ep, E_local + 1]: for each destination, rows per expert of its and the token rows sent there
         counts = torch.cat([per_expert.view(ep, num_local), owns.sum(dim=0)[:, None]], dim=1)
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        recv_counts = all_to_all(counts, [1] * ep, [1] * ep, self.group)
         # (destination, token) pairs, destination-major, the pairs that travel first and in token order
         pair_order = torch.sort(~owns.t().reshape(-1), stable=True).indices
         # The one host synchronisation of this layer: all_to_all needs its split sizes on the host.
@@ -83,9 +63,9 @@ class AllToAllDispatcher(Dispatcher):
         num_rows = int(received[:, :-1].sum())
         num_pairs = sum(send_splits)
         send_token = pair_order[:num_pairs] % num_tokens
-        tokens = _AllToAll.apply(hidden[send_token], recv_splits, send_splits, self.group)
-        ids = _all_to_all(topk_ids[send_token], recv_splits, send_splits, self.group)
-        weights = _AllToAll.apply(topk_weights[send_token], recv_splits, send_splits, self.group)
+        tokens = all_to_all(hidden[send_token], recv_splits, send_splits, self.group)
+        ids = all_to_all(topk_ids[send_token], recv_splits, send_splits, self.group)
+        weights = all_to_all(topk_weights[send_token], recv_splits, send_splits, self.group)
         local = ids - self.ep_rank * num_local
         slot_expert = torch.where((local >= 0) & (local < num_local), local, num_local)
         rows = expert_rows(slot_expert, weights, num_local, num_rows)
@@ -96,5 +76,5 @@ class AllToAllDispatcher(Dispatcher):
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         send_token, token_rows, token_ptr, send_splits, recv_splits = dispatched.state
-        back = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
+        back = all_to_all(expert_out, send_splits, recv_splits, self.group)
         return GatherSum.apply(back, send_token, token_rows, token_ptr, "auto")

@@ -24,6 +24,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..moe.block import MoEBlock
+from .collectives import ALL_TO_ALL_OPS
 from .dispatch import AllToAllDispatcher
 from .setup import DistributedSetup
 
@@ -77,9 +78,10 @@ def _policy(save: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 def checkpoint_function(mode: str):
     """The function decoder layers checkpoint with. Both modes keep the router's top-k outputs, so recomputation
-    never reroutes (a recomputed routing could change token counts and break the saved graph). "full"
-    recomputes everything else; "selective" also keeps the attention kernel's outputs."""
-    save = _ROUTING_OPS | (_ATTENTION_OPS if mode == "selective" else frozenset())
+    never reroutes (a recomputed routing could change token counts and break the saved graph), and what each
+    expert-parallel all-to-all received, so recomputation never runs a collective. "full" recomputes everything
+    else; "selective" also keeps the attention kernel's outputs."""
+    save = _ROUTING_OPS | ALL_TO_ALL_OPS | (_ATTENTION_OPS if mode == "selective" else frozenset())
     context_fn = partial(create_selective_checkpoint_contexts, partial(_policy, save))
     return partial(checkpoint, use_reentrant=False, context_fn=context_fn)
 
