@@ -6,10 +6,14 @@ contiguously (Shard(0)): rank j of the ep group owns experts [j*E_local, (j+1)*E
 carries its top-k ids and weights; rank j expands it to the rows of its own experts (moe.dispatch.expert_rows),
 and the experts sum those rows per token before the result is sent back. Every rank runs the same collectives in
 the same order whatever its routing (a count exchange, then the same all-to-alls, possibly of zero rows), so a
-rank whose tokens reach no expert of some rank cannot hang the others.
+rank whose tokens reach no expert of some rank cannot hang the others. The split sizes all_to_all needs on the
+host are copied there right after the count exchange and read after the shared experts are queued, so the one
+host wait of a layer does not leave the GPU idle.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,6 +36,14 @@ def rows_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int)
     return destination_mask(topk_ids, num_experts, ep_size).sum(dim=0)
 
 
+@dataclass
+class _Plan:
+    owns: torch.Tensor  # [T, ep] which ranks each token goes to
+    pair_order: torch.Tensor  # [ep * T] the (rank, token) pairs, those that travel first
+    sizes: torch.Tensor  # split sizes on the host (or on their way there)
+    ready: torch.cuda.Event | None  # recorded after the sizes' copy, on CUDA
+
+
 class AllToAllDispatcher(Dispatcher):
     """Dispatch over the ep process group; the experts see the tokens sent to this rank and their rows."""
 
@@ -44,8 +56,9 @@ class AllToAllDispatcher(Dispatcher):
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
 
-    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Dispatched:
-        num_tokens = topk_ids.shape[0]
+    def plan(self, topk_ids: torch.Tensor) -> _Plan:
+        """Count exchange and the destination order of the (token, rank) pairs; the split sizes start their way to
+        the host (non-blocking, into pinned memory) and are read only in dispatch."""
         ep, num_local = self.ep_size, self.num_local
         owns = destination_mask(topk_ids, self.num_experts, ep)
         per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_ids.device)
@@ -53,25 +66,39 @@ class AllToAllDispatcher(Dispatcher):
         # [ep, E_local + 1]: for each destination, rows per expert of its and the token rows sent there
         counts = torch.cat([per_expert.view(ep, num_local), owns.sum(dim=0)[:, None]], dim=1)
         recv_counts = all_to_all(counts, [1] * ep, [1] * ep, self.group)
-        # (destination, token) pairs, destination-major, the pairs that travel first and in token order
+        sizes = torch.cat([counts[:, -1], recv_counts.reshape(-1)])
+        ready = None
+        if sizes.is_cuda:
+            sizes = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True).copy_(sizes, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        # (destination, token) pairs, destination-major: the pairs that travel first, each destination's in token order
         pair_order = torch.sort(~owns.t().reshape(-1), stable=True).indices
-        # The one host synchronisation of this layer: all_to_all needs its split sizes on the host.
-        sizes = torch.cat([counts[:, -1], recv_counts.reshape(-1)]).tolist()
+        return _Plan(owns, pair_order, sizes, ready)
+
+    def dispatch(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: _Plan | None = None
+    ) -> Dispatched:
+        plan = self.plan(topk_ids) if plan is None else plan
+        num_tokens, ep, num_local = topk_ids.shape[0], self.ep_size, self.num_local
+        if plan.ready is not None:
+            plan.ready.synchronize()  # the layer's one wait for the host, behind the shared experts
+        sizes = plan.sizes.tolist()
         send_splits = sizes[:ep]
         received = torch.tensor(sizes[ep:]).view(ep, num_local + 1)
         recv_splits = received[:, -1].tolist()
         num_rows = int(received[:, :-1].sum())
         num_pairs = sum(send_splits)
-        send_token = pair_order[:num_pairs] % num_tokens
+        send_token = plan.pair_order[:num_pairs] % num_tokens
         tokens = all_to_all(hidden[send_token], recv_splits, send_splits, self.group)
         ids = all_to_all(topk_ids[send_token], recv_splits, send_splits, self.group)
         weights = all_to_all(topk_weights[send_token], recv_splits, send_splits, self.group)
         local = ids - self.ep_rank * num_local
         slot_expert = torch.where((local >= 0) & (local < num_local), local, num_local)
         rows = expert_rows(slot_expert, weights, num_local, num_rows)
-        position = torch.empty_like(pair_order).scatter_(0, pair_order, torch.arange(ep * num_tokens,
-                                                                                       device=pair_order.device))
-        token_rows, token_ptr = token_major(owns, position.view(ep, num_tokens).t(), num_pairs)
+        positions = torch.arange(ep * num_tokens, device=topk_ids.device)
+        position = torch.empty_like(plan.pair_order).scatter_(0, plan.pair_order, positions)
+        token_rows, token_ptr = token_major(plan.owns, position.view(ep, num_tokens).t(), num_pairs)
         return Dispatched(tokens, rows, (send_token, token_rows, token_ptr, send_splits, recv_splits))
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
