@@ -313,9 +313,7 @@ def test_two_ranks(paths):
     run_ranks(2, [
         ("parity", dict(ep=2)),
         ("parity", dict(ep=1)),
-        ("parity", dict(ep=2, ac="selective")),
         ("parity", dict(ep=1, ac="full")),
-        ("parity", dict(family="deepseek_v3", ep=2)),
         ("parity", dict(family="gpt_oss", ep=2)),
         ("parity", dict(family="qwen3_moe_tied", ep=2)),
         ("skewed", dict(ep=2)),
@@ -331,19 +329,21 @@ AC_MODES = ("off", "selective", "full")
 
 def _runs(ckpts, ac_modes=AC_MODES, options=None, **config) -> list:
     return [(c, {"ep_size": config.get("ep", 1), "dp_replicate_size": config.get("replicate", 1),
-                 "dispatcher": config.get("dispatcher", "auto"), "activation_checkpointing": ac}, options)
+                 "dispatcher": config.get("dispatcher", "auto"), "dispatch_chunks": config.get("chunks", 1),
+                 "activation_checkpointing": ac}, options)
             for c in ckpts for ac in ac_modes]
 
 
 def test_matrix_two_ranks(paths):
-    """ep 2 for every family and AC mode, routers skewed to one rank, the composed (kernels off) experts, and the
-    all-to-all dispatcher as a loopback at ep 1 (under FSDP2)."""
+    """ep 2 for every family and AC mode, routers skewed to one rank, the composed (kernels off) experts, the
+    all-to-all dispatcher as a loopback at ep 1 (under FSDP2), and the chunked pipeline."""
     run_ranks(2, [("matrix", dict(runs=(
         _runs(FAMILIES, ep=2)
         + _runs(("deepseek_v3_skewed", "gpt_oss_skewed"), ("off", "full"), ep=2)
         + _runs(("qwen3_moe", "gpt_oss"), ("selective",), {"kernels": "off"}, ep=2)
         + _runs(("deepseek_v3",), ("full",), ep=1, dispatcher="all_to_all")
         + _runs(("mixtral",), ("off",), ep=1)
+        + _runs(("qwen3_moe", "gpt_oss_skewed"), ("full",), ep=2, chunks=2)
     )))], paths)
 
 
@@ -353,6 +353,7 @@ def test_matrix_four_ranks(paths):
         _runs(FAMILIES, ep=4)
         + _runs(FAMILIES, ep=2, replicate=2)
         + _runs(("deepseek_v3_skewed", "gpt_oss_skewed"), ("selective",), ep=4)
+        + _runs(("deepseek_v3_skewed",), ("off",), ep=2, replicate=2, chunks=3)
     )))], paths)
 
 
@@ -367,7 +368,6 @@ def test_one_rank(paths):
 def test_four_ranks(paths):
     run_ranks(4, [
         ("parity", dict(ep=4)),
-        ("parity", dict(ep=2, ac="selective")),
         ("parity", dict(ep=1, ac="full")),
         ("parity", dict(ep=2, replicate=2)),
         ("reads", dict(ep=4)),

@@ -59,13 +59,15 @@ def test_bad_dispatcher_is_named(config, message):
         create_distributed_setup_from_config(config)
 
 
-def test_loopback_all_to_all_trains_as_the_local_dispatcher(one_rank, monkeypatch):
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_loopback_all_to_all_trains_as_the_local_dispatcher(one_rank, monkeypatch, chunks):
     """{"ep_size": 1, "dispatcher": "all_to_all"} at world size 1: every dispatch and combine goes through the EP
-    code (counted), and loss and every gradient equal the local model's."""
+    code (counted), and loss and every gradient equal the local model's, also pipelined in chunks."""
     config = make_config("qwen3_moe", output_router_logits=False)
     torch.manual_seed(0)
     local = AutoMoEForCausalLM.from_config(config, dtype=torch.float32)
-    setup = create_distributed_setup_from_config({"ep_size": 1, "dispatcher": "all_to_all"})
+    setup = create_distributed_setup_from_config({"ep_size": 1, "dispatcher": "all_to_all",
+                                                  "dispatch_chunks": chunks})
     assert create_distributed_setup_from_config({"ep_size": 1}).dispatcher == "local"
     loop = AutoMoEForCausalLM.from_config(config, dtype=torch.float32, distributed_setup=setup)
     loop.load_state_dict(local.state_dict())
@@ -80,7 +82,7 @@ def test_loopback_all_to_all_trains_as_the_local_dispatcher(one_rank, monkeypatc
     loss.backward()
     ref = local(input_ids=ids, labels=ids).loss
     ref.backward()
-    assert len(calls) >= 4 * len(blocks)  # counts, tokens, ids and weights each way of every layer
+    assert len(calls) >= 4 * chunks * len(blocks)  # counts, tokens, ids and weights each way, per chunk and layer
     assert abs(loss.item() - ref.item()) <= 1e-6 * abs(ref.item())
     for (name, p), (_, q) in zip(loop.named_parameters(), local.named_parameters(), strict=True):
         assert ((p.grad - q.grad).norm() / q.grad.norm()).item() <= 1e-5, name

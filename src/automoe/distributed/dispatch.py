@@ -45,9 +45,16 @@ class _Plan:
 
 
 class AllToAllDispatcher(Dispatcher):
-    """Dispatch over the ep process group; the experts see the tokens sent to this rank and their rows."""
+    """Dispatch over the ep process group; the experts see the tokens sent to this rank and their rows.
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup) -> None:
+    With `chunks` > 1 the layer's tokens are split in that many chunks, pipelined: on CUDA the all-to-alls run on
+    a communication stream, so a chunk travels while the experts compute on the previous one (autograd runs each
+    backward op on its forward op's stream, so the backward pipelines the same way); on CPU the same code runs
+    in order.
+    """
+
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, chunks: int = 1) -> None:
+        self.chunks = chunks
         self.group = register_group(group)
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
@@ -101,7 +108,59 @@ class AllToAllDispatcher(Dispatcher):
         token_rows, token_ptr = token_major(plan.owns, position.view(ep, num_tokens).t(), num_pairs)
         return Dispatched(tokens, rows, (send_token, token_rows, token_ptr, send_splits, recv_splits))
 
+    def __call__(self, hidden, topk_ids, topk_weights, experts, side=None):
+        if self.chunks == 1:
+            return super().__call__(hidden, topk_ids, topk_weights, experts, side)
+        pieces = list(zip(*(t.tensor_split(self.chunks) for t in (hidden, topk_ids, topk_weights)), strict=True))
+        comm = _CommStream(hidden.device)
+        plans = [comm.run(self.plan, ids) for _, ids, _ in pieces]
+        side_out = side() if side is not None else None
+        pending = comm.run(self.dispatch, *pieces[0], plans[0])
+        outs = []
+        for i in range(len(pieces)):
+            dispatched = comm.wait(pending)
+            if i + 1 < len(pieces):
+                pending = comm.run(self.dispatch, *pieces[i + 1], plans[i + 1])
+            expert_out = experts(dispatched.tokens, dispatched.rows)
+            outs.append(comm.run(self.combine, expert_out, dispatched))
+        return torch.cat([comm.wait(out) for out in outs]), side_out
+
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         send_token, token_rows, token_ptr, send_splits, recv_splits = dispatched.state
         back = all_to_all(expert_out, send_splits, recv_splits, self.group)
         return GatherSum.apply(back, send_token, token_rows, token_ptr, "auto")
+
+
+class _CommStream:
+    """Runs work on a side CUDA stream and hands its results back to the compute stream; on CPU, in place."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self.stream = _side_stream(device) if device.type == "cuda" else None
+
+    def run(self, fn, *args):
+        if self.stream is None:
+            return fn(*args)
+        self.stream.wait_stream(self.compute)
+        with torch.cuda.stream(self.stream):
+            return fn(*args)
+
+    def wait(self, result):
+        """`result` (a tensor or a Dispatched) is safe to use on the compute stream."""
+        if self.stream is None:
+            return result
+        self.compute.wait_stream(self.stream)
+        tensors = [result] if isinstance(result, torch.Tensor) else [
+            *(t for t in vars(result.rows).values()), result.tokens, *result.state[:3]]
+        for tensor in tensors:
+            tensor.record_stream(self.compute)
+        return result
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]

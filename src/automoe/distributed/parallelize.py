@@ -72,6 +72,10 @@ def shard_experts(experts: nn.Module, setup: DistributedSetup) -> None:
         experts._parameters[name] = nn.Parameter(dtensor, requires_grad=param.requires_grad)
 
 
+def _all_to_all(block: MoEBlock, setup: DistributedSetup) -> AllToAllDispatcher:
+    return AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group(), setup.dispatch_chunks)
+
+
 def _policy(save: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -113,7 +117,7 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
     if setup.world_size == 1 and not mixed_precision:
         if setup.dispatcher == "all_to_all":  # a loopback: every dispatch and combine runs the EP code
             for block in blocks:
-                block.dispatcher = AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group())
+                block.dispatcher = _all_to_all(block, setup)
         return model
     mp = MixedPrecisionPolicy(param_dtype=setup.param_dtype, reduce_dtype=setup.reduce_dtype)
     ignored: set[nn.Parameter] = set()
@@ -121,7 +125,7 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
         experts = getattr(block, block.spec.experts_attr)
         shard_experts(experts, setup)
         if setup.dispatcher == "all_to_all":
-            block.dispatcher = AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group())
+            block.dispatcher = _all_to_all(block, setup)
         # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
         # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
         if setup.expert_dp_mesh.size() == 1 and not mixed_precision:
