@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from automoe import AutoMoEForCausalLM, create_distributed_setup_from_config
 from automoe.checkpoint.safetensors_io import SafetensorsFile
 from automoe.distributed import clip_grad_norm_
+from automoe.distributed.dispatch import AllToAllDispatcher, rows_per_destination
 from automoe.moe.router import Router
 
 TOKENS_PER_RANK = (2, 16)
@@ -148,7 +149,25 @@ def _hf_grads(ckpt: str) -> tuple[float, dict[str, torch.Tensor]]:
 
 def _matrix(paths: dict, runs: list) -> None:
     """Loss and every gradient of each run against the single-process HF model on the concatenated batch (1e-4
-    relative), the HF reference computed once per checkpoint. A run: (checkpoint, setup config, automoe_options)."""
+    relative), the HF reference computed once per checkpoint. A run: (checkpoint, setup config, automoe_options).
+    The rows the all-to-all dispatcher sends to each rank are rows_per_destination's."""
+    sent = []  # (what the dispatcher sent to each rank, rows_per_destination of its routing)
+    original = AllToAllDispatcher.dispatch
+
+    def recording(self, hidden, topk_ids, topk_weights, plan=None):
+        dispatched = original(self, hidden, topk_ids, topk_weights, plan)
+        sent.append((dispatched.state[3], rows_per_destination(topk_ids, self.num_experts, self.ep_size).tolist()))
+        return dispatched
+
+    AllToAllDispatcher.dispatch = recording
+    try:
+        _check_runs(paths, runs)
+    finally:
+        AllToAllDispatcher.dispatch = original
+    assert sent and all(a == b for a, b in sent)
+
+
+def _check_runs(paths: dict, runs: list) -> None:
     refs: dict[str, tuple[float, dict]] = {}
     world = dist.get_world_size()
     for ckpt, config, options in runs:
@@ -335,12 +354,13 @@ def _runs(ckpts, ac_modes=AC_MODES, options=None, **config) -> list:
 
 
 def test_matrix_two_ranks(paths):
-    """ep 2 for every family and AC mode, routers skewed to one rank, the composed (kernels off) experts, the
-    all-to-all dispatcher as a loopback at ep 1 (under FSDP2), and the chunked pipeline."""
+    """ep 2 for every family and AC mode, routers skewed to one rank, the composed experts (kernels off, and the
+    per-expert loop), the all-to-all dispatcher as a loopback at ep 1 (under FSDP2), and the chunked pipeline."""
     run_ranks(2, [("matrix", dict(runs=(
         _runs(FAMILIES, ep=2)
         + _runs(("deepseek_v3_skewed", "gpt_oss_skewed"), ("off", "full"), ep=2)
         + _runs(("qwen3_moe", "gpt_oss"), ("selective",), {"kernels": "off"}, ep=2)
+        + _runs(("gpt_oss_skewed",), ("off",), {"experts_backend": "per_expert"}, ep=2)
         + _runs(("deepseek_v3",), ("full",), ep=1, dispatcher="all_to_all")
         + _runs(("mixtral",), ("off",), ep=1)
         + _runs(("qwen3_moe", "gpt_oss_skewed"), ("full",), ep=2, chunks=2)
