@@ -104,3 +104,96 @@ def test_bench_under_torchrun_two_gloo_ranks(tmp_path):
     assert result["world_size"] == 2
     assert [c["column"] for c in result["columns"]] == ["automoe", "v5"]
     assert all(c["runs"][0]["step_tps"] > 0 for c in result["columns"])
+
+
+FAKE_NEMO = {
+    "nemo_automodel/__init__.py": (
+        "class NeMoAutoModelForCausalLM:\n"
+        "    @classmethod\n"
+        "    def from_config(cls, config, force_hf=False, **kwargs):\n"
+        "        path = 'hf' if force_hf else 'custom'\n"
+        "        raise RuntimeError(f'fake {path} build failed for {config.architectures}')\n"),
+    "nemo_automodel/components/__init__.py": "",
+    "nemo_automodel/components/models/__init__.py": "",
+    "nemo_automodel/components/models/common/__init__.py": "",
+    "nemo_automodel/components/models/common/utils.py": (
+        "from dataclasses import dataclass\n\n\n@dataclass\nclass BackendConfig:\n"
+        "    fake_balanced_gate: bool = False\n"),
+}
+
+
+def test_nemo_column_not_importable_is_named_and_the_other_columns_run(tmp_path, capsys):
+    argv = ["--workload", "tiny", "--layers", "1", "--seq", "16", "--steps", "1", "--warmup", "0", "--device", "cpu",
+            "--columns", "v5,nemo", "--nemo-path", str(tmp_path / "empty"), "--out", str(tmp_path), "--no-plot"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"not run: nemo (nemo_automodel not importable from --nemo-path {tmp_path / 'empty'})" in printed
+    result = json.loads((tmp_path / "bench-tiny-seq16.json").read_text())
+    assert [c["column"] for c in result["columns"]] == ["v5"] and result["columns"][0]["runs"][0]["step_tps"] > 0
+    assert result["skipped_columns"] == ["nemo"] and "not importable" in result["skip_reasons"]["nemo"]
+
+
+def test_nemo_column_tries_its_hf_path_after_its_custom_path_and_keeps_both_errors(tmp_path, capsys):
+    """A NeMo whose every build fails (a stand-in package on --nemo-path): the bench still finishes, the column's
+    process saw the package (so --nemo-path reached it alone), and both paths' errors are in the JSON and the table."""
+    for name, text in FAKE_NEMO.items():
+        (tmp_path / "site" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "site" / name).write_text(text)
+    argv = ["--workload", "tiny", "--layers", "1", "--seq", "16", "--steps", "1", "--warmup", "0", "--device", "cpu",
+            "--columns", "nemo", "--nemo-path", str(tmp_path / "site"), "--out", str(tmp_path), "--no-plot"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    column = json.loads((tmp_path / "bench-tiny-seq16.json").read_text())["columns"][0]
+    errors = column["nemo"]["errors"]
+    assert list(errors) == ["custom", "hf"], errors
+    assert "fake custom build failed for ['Qwen3MoeForCausalLM']" in errors["custom"], "the architecture is named"
+    assert "fake hf build failed" in errors["hf"]
+    assert column["runs"] == [] and column["error"].startswith("custom path: RuntimeError: fake custom")
+    assert "NeMo AutoModel custom path failed: RuntimeError" in printed and "NeMo AutoModel hf path failed" in printed
+
+
+def test_nemo_recipe_loss_matches_the_hf_loss_and_its_gradients():
+    """NeMo's recipe loss (shifted labels, its MaskedCrossEntropy summed over label tokens / their count) on a model
+    that returns logits equals the HF model's own loss with labels = tokens, gradients included."""
+    pytest.importorskip("nemo_automodel.components.loss.masked_ce")
+    from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy
+    from transformers import AutoModelForCausalLM
+
+    from automoe.bench.nemo_column import RecipeLossModel
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config("tiny", 1)).float()
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    want = model(input_ids=tokens, labels=tokens).loss
+    want_grads = torch.autograd.grad(want, list(model.parameters()))
+    got = RecipeLossModel(model, MaskedCrossEntropy())(input_ids=tokens, labels=tokens).loss
+    got_grads = torch.autograd.grad(got, list(model.parameters()))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w)
+    with pytest.raises(ValueError, match="labels = input_ids"):
+        RecipeLossModel(model, MaskedCrossEntropy())(input_ids=tokens, labels=tokens.clone())
+
+
+def test_nemo_custom_model_gets_the_other_columns_weights_and_their_loss(monkeypatch):
+    """NeMo's own Qwen3-MoE model, given the HF init from the seed through its state-dict adapter, trains on the
+    same loss as the HF model from that seed (same weights, same routing), by the recipe loss."""
+    pytest.importorskip("nemo_automodel.components.models.qwen3_moe.model")
+    from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy
+    from nemo_automodel.components.models.common.utils import BackendConfig
+    from nemo_automodel.components.models.qwen3_moe.model import Qwen3MoeForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from automoe.bench.nemo_column import RecipeLossModel, load_reference_weights
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # its constructor names cuda:N; nothing lands there
+    config = make_config("tiny", 2)
+    model = Qwen3MoeForCausalLM(config, backend=BackendConfig(experts="torch"))
+    model.initialize_weights(buffer_device=torch.device("cpu"), dtype=torch.float32)
+    load_reference_weights(model, config, seed=3, custom=True)
+    torch.manual_seed(3)
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    want = reference(input_ids=tokens, labels=tokens).loss
+    got = RecipeLossModel(model, MaskedCrossEntropy())(input_ids=tokens, labels=tokens).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

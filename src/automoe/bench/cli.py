@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from . import nemo_column
 from .columns import COLUMNS, OPTIMIZERS, ColumnSpec, liger_available
 from .report import table, write
 from .workload import WORKLOADS, flops_per_token, make_config
@@ -48,7 +49,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
     p.add_argument("--profile", default=None, help="folder for a torch.profiler table of one step per column")
     p.add_argument("--no-plot", action="store_true")
-    p.add_argument("--in-process", action="store_true", help="run columns in this process (no Liger column)")
+    p.add_argument("--in-process", action="store_true", help="run columns in this process (no Liger or NeMo column)")
+    p.add_argument("--nemo-path", default=None,
+                   help="folder NeMo AutoModel and its pinned transformers were pip-installed into (--target); put "
+                        "first on the nemo column's PYTHONPATH only, so the other columns keep this transformers")
     args = p.parse_args(argv)
     args.column_list = [c.strip() for c in args.columns.split(",") if c.strip()]
     unknown = sorted(set(args.column_list) - set(COLUMNS))
@@ -69,6 +73,19 @@ def worker_args(args: argparse.Namespace, dense: bool) -> dict:
     return {**{k: getattr(args, k) for k in keys}, "dense": dense}
 
 
+def column_skips(args: argparse.Namespace, in_process: bool) -> dict[str, str]:
+    """The asked-for columns that cannot run here, each with why."""
+    reasons = {}
+    if not liger_available() or (in_process and int(os.environ.get("WORLD_SIZE", "1")) == 1):
+        reasons["v5+liger"] = "liger-kernel not importable, or --in-process"
+    if in_process:
+        reasons["nemo"] = "NeMo AutoModel runs in a process of its own on one GPU: not with --in-process or torchrun"
+    elif not nemo_column.importable(args.nemo_path):
+        where = f"--nemo-path {args.nemo_path}" if args.nemo_path else "this environment (see --nemo-path)"
+        reasons["nemo"] = f"nemo_automodel not importable from {where}"
+    return {c: r for c, r in reasons.items() if c in args.column_list}
+
+
 def run_subprocess(spec: ColumnSpec, args: argparse.Namespace, dense: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "column.json"
@@ -77,7 +94,8 @@ def run_subprocess(spec: ColumnSpec, args: argparse.Namespace, dense: bool) -> d
         # the column's lines are passed on as they come: a run cut short (a time box, a hang in a peer's
         # autotuning) still shows every sequence the column measured
         last = "no output"
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        env = nemo_column.child_env(args.nemo_path) if spec.name == "nemo" else None
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
             for line in proc.stdout:
                 sys.stderr.write(line)
                 sys.stderr.flush()
@@ -117,9 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     in_process = args.in_process or world > 1
-    columns = [c for c in args.column_list if c != "v5+liger" or (liger_available() and (not in_process or world > 1))]
+    skips = column_skips(args, in_process)
+    columns = [c for c in args.column_list if c not in skips]
     columns.sort(key=lambda c: c == "v5+liger")  # Liger patches classes: always last
-    skipped = sorted(set(args.column_list) - set(columns))
+    skipped = sorted(skips)
     specs = [ColumnSpec(c, router=args.router, kernels=args.kernels, optimizer=o)
              for c in columns for o in (args.optimizer_list if c == "automoe" else ["torch"])]
     # first automoe variant, then the peers (Liger last), then other automoe variants: a run cut short keeps
@@ -142,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense_tflops": None,
         "columns": [],
         "skipped_columns": skipped,
+        "skip_reasons": skips,
     }
     for i, spec in enumerate(specs):
         result["columns"].append(run(spec, args, dense=(i == 0)))
@@ -151,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(table(result))
-        if skipped:
-            print(f"\nnot run: {', '.join(skipped)} (liger-kernel not importable, or --in-process)")
+        for column, reason in skips.items():
+            print(f"not run: {column} ({reason})")
         for col in result["columns"]:
             if col.get("error"):
                 print(f"{col['label']}: failed: {col['error']}")

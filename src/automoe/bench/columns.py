@@ -2,9 +2,10 @@
 
 automoe: AutoMoEForCausalLM with its kernels and fused loss. v5: Transformers v5 at its best on one GPU
 (experts_implementation="grouped_mm", attn_implementation="sdpa"). v5+liger: v5 after Liger-Kernel's patch
-for the family (it patches classes, so it only ever runs in a process of its own or last). All three in
-bf16 with AdamW; under torchrun, FSDP2 (automoe's distributed setup; fully_shard per decoder layer + root
-for the v5 columns).
+for the family (it patches classes, so it only ever runs in a process of its own or last). nemo: NeMo
+AutoModel's NeMoAutoModelForCausalLM with its recipe's loss, one GPU, in a process of its own (nemo_column.py).
+All in bf16 with AdamW; under torchrun, FSDP2 (automoe's distributed setup; fully_shard per decoder layer + root
+for the v5 columns; no nemo column).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-COLUMNS = ("automoe", "v5", "v5+liger")
+COLUMNS = ("automoe", "v5", "v5+liger", "nemo")
 OPTIMIZERS = ("automoe", "automoe-in-backward", "torch")
 
 
@@ -40,7 +41,8 @@ class ColumnSpec:
             extra = ", AdamW in backward" if self.optimizer == "automoe-in-backward" else ""
             extra += ", torch AdamW" if self.optimizer == "torch" else ""
             return f"automoe ({router}{extra})"
-        return {"v5": "Transformers v5 (grouped_mm + sdpa)", "v5+liger": "v5 + Liger-Kernel"}[self.name]
+        return {"v5": "Transformers v5 (grouped_mm + sdpa)", "v5+liger": "v5 + Liger-Kernel",
+                "nemo": "NeMo AutoModel"}[self.name]
 
 
 def liger_available() -> bool:
@@ -53,6 +55,8 @@ def distributed() -> bool:
 
 def build_model(spec: ColumnSpec, config, device: torch.device):
     """The column's model in bf16 on `device`, random weights from the current seed."""
+    if spec.name == "nemo":
+        raise ValueError("the nemo column's model is built by automoe.bench.nemo_column.build, with its recipe loss")
     common = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
     if spec.name == "automoe":
         from automoe import AutoMoEForCausalLM

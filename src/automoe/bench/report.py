@@ -54,7 +54,7 @@ def table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    lines += ["", *ratios(result), *gpu_state_lines(result), "", *sweep_lines(result)]
+    lines += ["", *ratios(result), *gpu_state_lines(result), "", *sweep_lines(result), *column_notes(result)]
     return "\n".join(lines)
 
 
@@ -100,6 +100,12 @@ def sweep_lines(result: dict) -> list[str]:
             cells.append("-" if run is None else "OOM" if run.get("oom") else f"{run['step_tps']:,.0f}")
         lines.append(f"  {seq:>7}: " + " | ".join(cells))
     return lines
+
+
+def column_notes(result: dict) -> list[str]:
+    """What a column says about how it ran (the nemo column: its path, BackendConfig, loss, and what failed)."""
+    notes = [line for col in result["columns"] for line in col.get("notes", [])]
+    return ["", *notes] if notes else []
 
 
 def write(result: dict, out_dir: Path, plot: bool = True) -> list[Path]:

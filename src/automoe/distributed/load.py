@@ -12,6 +12,7 @@ from types import MethodType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -87,16 +88,37 @@ def rows_function(setup: DistributedSetup):
     return rows_of
 
 
+def shard_coordinates(tensor: torch.Tensor) -> tuple[int, ...]:
+    """This rank's coordinates on the mesh dimensions that shard `tensor` (none for a plain tensor): equal on
+    every rank holding the same shard, e.g. on all HSDP replicas, and different between shards."""
+    if not isinstance(tensor, DTensor):
+        return ()
+    mesh = tensor.device_mesh
+    return tuple(mesh.get_local_rank(dim) for dim, placement in enumerate(tensor.placements) if placement.is_shard())
+
+
+def _common_seed(setup: DistributedSetup) -> int:
+    """One seed drawn from rank 0's random stream and shared, so that ranks seeded differently by the user still
+    initialise equal shards alike."""
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64).to(setup.device)
+    dist.broadcast(seed, src=0)
+    return int(seed.item())
+
+
 @torch.no_grad()
 def init_local_shards(model: PreTrainedModel, setup: DistributedSetup) -> None:
-    """HF's own per-module initialisation, run on each rank's shards (each rank draws its own random stream, so
-    no two shards repeat). Embedding padding rows are zeroed where this rank holds them."""
+    """HF's own per-module initialisation, run on each rank's shards. Each module draws from a stream seeded by
+    its position in the model and its tensors' shard coordinates: no two shards repeat, and the ranks that hold
+    the same shard (HSDP replicas; every rank, for a replicated tensor) draw the same weights.
+    Embedding padding rows are zeroed where this rank holds them."""
     rows_of = rows_function(setup)
     devices = [setup.device] if setup.device.type == "cuda" else []
-    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    seed = _common_seed(setup)
     with torch.random.fork_rng(devices=devices, device_type=setup.device.type):
-        torch.manual_seed(seed + 7919 * setup.rank)
-        for module in model.modules():
+        for index, module in enumerate(model.modules()):
+            coordinates = tuple(shard_coordinates(p) for p in module._parameters.values() if p is not None)
+            # hash of a tuple of ints: the same in every process (only str/bytes hashes are salted per process)
+            torch.manual_seed(hash((seed, index, coordinates)) % 2**63)
             sharded = {n: p for n, p in module._parameters.items() if isinstance(p, DTensor)}
             padding_idx = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
             try:
