@@ -1,8 +1,10 @@
 """Expert-parallel correctness on real GPUs (NCCL): a few layers of the Qwen3-30B-A3B shape, bf16.
 
 Run on N GPUs:  torchrun --nproc_per_node N benchmarks/ep_correctness.py --out $OUT/ep_correctness.json
-For ep_size in 1, 2 and N (those that divide N): every rank loads the same checkpoint (written once by rank 0)
-with `distributed_setup`, takes its own tokens, and runs forward + backward. Rank 0 compares the mean loss and a
+For ep_size in 1, 2 and N (those that divide N), with the default dispatcher and then the all-to-all one in 2
+pipelined chunks (at ep 1 a loopback; on one GPU this checks the side-stream pipeline): every rank loads the
+same checkpoint (written once by rank 0) with `distributed_setup`, takes its own tokens, and runs forward +
+backward. Rank 0 compares the mean loss and a
 sample of full gradients with a world-size-1 drop-in model fed the concatenated batch. bf16 tolerances: loss
 relative error < 1e-2; gradients relative error reported (bf16 accumulation order differs between the two).
 """
@@ -79,8 +81,13 @@ def main() -> None:
     dist.barrier()
 
     results = []
-    for ep in sorted({e for e in (1, 2, world) if world % e == 0}):
-        setup = create_distributed_setup_from_config({"ep_size": ep})
+    sizes = sorted({e for e in (1, 2, world) if world % e == 0})
+    # each ep size with the default dispatcher, then through the all-to-all pipelined in 2 chunks (at ep 1 a
+    # loopback: on one GPU this checks the side-stream pipeline)
+    configs = [{"ep_size": ep} for ep in sizes] + [
+        {"ep_size": ep, "dispatcher": "all_to_all", "dispatch_chunks": 2} for ep in sizes]
+    for config in configs:
+        setup = create_distributed_setup_from_config(config)
         model = AutoMoEForCausalLM.from_pretrained(path, dtype=dtype, distributed_setup=setup)
         model.train()
         ids = batch[rank : rank + 1].to(device)
@@ -90,7 +97,7 @@ def main() -> None:
         dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
         grads = sampled_grads(model)
         if rank == 0:
-            row = {"world": world, "ep_size": ep, "loss": mean_loss.item(), "loss_ref": reference["loss"],
+            row = {"world": world, **config, "loss": mean_loss.item(), "loss_ref": reference["loss"],
                    "loss_rel_err": abs(mean_loss.item() - reference["loss"]) / abs(reference["loss"]),
                    "grad_rel_err": {n: rel(g, reference["grads"][n]) for n, g in grads.items()}}
             row["pass"] = row["loss_rel_err"] < 1e-2 and max(row["grad_rel_err"].values()) < 5e-2

@@ -59,13 +59,15 @@ def test_bad_dispatcher_is_named(config, message):
         create_distributed_setup_from_config(config)
 
 
-def test_loopback_all_to_all_trains_as_the_local_dispatcher(one_rank, monkeypatch):
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_loopback_all_to_all_trains_as_the_local_dispatcher(one_rank, monkeypatch, chunks):
     """{"ep_size": 1, "dispatcher": "all_to_all"} at world size 1: every dispatch and combine goes through the EP
-    code (counted), and loss and every gradient equal the local model's."""
+    code (counted), and loss and every gradient equal the local model's, also pipelined in chunks."""
     config = make_config("qwen3_moe", output_router_logits=False)
     torch.manual_seed(0)
     local = AutoMoEForCausalLM.from_config(config, dtype=torch.float32)
-    setup = create_distributed_setup_from_config({"ep_size": 1, "dispatcher": "all_to_all"})
+    setup = create_distributed_setup_from_config({"ep_size": 1, "dispatcher": "all_to_all",
+                                                  "dispatch_chunks": chunks})
     assert create_distributed_setup_from_config({"ep_size": 1}).dispatcher == "local"
     loop = AutoMoEForCausalLM.from_config(config, dtype=torch.float32, distributed_setup=setup)
     loop.load_state_dict(local.state_dict())
@@ -80,7 +82,39 @@ def test_loopback_all_to_all_trains_as_the_local_dispatcher(one_rank, monkeypatc
     loss.backward()
     ref = local(input_ids=ids, labels=ids).loss
     ref.backward()
-    assert len(calls) >= 4 * len(blocks)  # counts, tokens, ids and weights each way of every layer
+    assert len(calls) >= 4 * chunks * len(blocks)  # counts, tokens, ids and weights each way, per chunk and layer
     assert abs(loss.item() - ref.item()) <= 1e-6 * abs(ref.item())
     for (name, p), (_, q) in zip(loop.named_parameters(), local.named_parameters(), strict=True):
         assert ((p.grad - q.grad).norm() / q.grad.norm()).item() <= 1e-5, name
+
+
+def _counted_step(model, ids, calls: list) -> tuple[int, int, torch.Tensor]:
+    """(all-to-alls in forward, all-to-alls in backward, loss)."""
+    calls.clear()
+    loss = model(input_ids=ids, labels=ids).loss
+    forward = len(calls)
+    loss.backward()
+    return forward, len(calls) - forward, loss.detach()
+
+
+@pytest.mark.parametrize("ac", ["full", "selective"])
+def test_checkpoint_recompute_runs_no_collective(one_rank, monkeypatch, ac):
+    """A checkpointed layer's recompute (in backward) reuses what its all-to-alls received: backward runs exactly
+    the collectives of the uncheckpointed model (the gradients' way back), none for the recompute."""
+    calls = []
+    original = dist.all_to_all_single
+    monkeypatch.setattr(dist, "all_to_all_single", lambda *a, **k: calls.append(1) or original(*a, **k))
+    config = make_config("qwen3_moe", output_router_logits=False)
+    ids = torch.randint(3, 128, (2, 12))
+    counts, grads = {}, {}
+    for mode in ("off", ac):
+        torch.manual_seed(0)
+        setup = create_distributed_setup_from_config(
+            {"ep_size": 1, "dispatcher": "all_to_all", "activation_checkpointing": mode})
+        model = AutoMoEForCausalLM.from_config(config, dtype=torch.float32, distributed_setup=setup)
+        assert all(layer.gradient_checkpointing == (mode != "off") for layer in model.model.layers)
+        *counts[mode], _ = _counted_step(model, ids, calls)
+        grads[mode] = [p.grad for p in model.parameters()]
+    assert counts[ac] == counts["off"] and counts["off"][0] > 0, counts
+    for got, want in zip(grads[ac], grads["off"], strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

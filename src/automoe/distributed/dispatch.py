@@ -6,16 +6,21 @@ contiguously (Shard(0)): rank j of the ep group owns experts [j*E_local, (j+1)*E
 carries its top-k ids and weights; rank j expands it to the rows of its own experts (moe.dispatch.expert_rows),
 and the experts sum those rows per token before the result is sent back. Every rank runs the same collectives in
 the same order whatever its routing (a count exchange, then the same all-to-alls, possibly of zero rows), so a
-rank whose tokens reach no expert of some rank cannot hang the others.
+rank whose tokens reach no expert of some rank cannot hang the others. The split sizes all_to_all needs on the
+host are copied there right after the count exchange and read after the shared experts are queued, so the one
+host wait of a layer does not leave the GPU idle.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from ..kernels.combine import GatherSum
 from ..moe.dispatch import Dispatched, Dispatcher, expert_rows, token_major
+from .collectives import all_to_all, register_group
 
 
 def destination_mask(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
@@ -31,31 +36,26 @@ def rows_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int)
     return destination_mask(topk_ids, num_experts, ep_size).sum(dim=0)
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with autograd: the backward sends gradients back along the same routes."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        return _all_to_all(x, out_splits, in_splits, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
-
-
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-    return out
+@dataclass
+class _Plan:
+    owns: torch.Tensor  # [T, ep] which ranks each token goes to
+    pair_order: torch.Tensor  # [ep * T] the (rank, token) pairs, those that travel first
+    sizes: torch.Tensor  # split sizes on the host (or on their way there)
+    ready: torch.cuda.Event | None  # recorded after the sizes' copy, on CUDA
 
 
 class AllToAllDispatcher(Dispatcher):
-    """Dispatch over the ep process group; the experts see the tokens sent to this rank and their rows."""
+    """Dispatch over the ep process group; the experts see the tokens sent to this rank and their rows.
 
-    def __init__(self, num_experts: int, group: dist.ProcessGroup) -> None:
-        self.group = group
+    With `chunks` > 1 the layer's tokens are split in that many chunks, pipelined: on CUDA the all-to-alls run on
+    a communication stream, so a chunk travels while the experts compute on the previous one (autograd runs each
+    backward op on its forward op's stream, so the backward pipelines the same way); on CPU the same code runs
+    in order.
+    """
+
+    def __init__(self, num_experts: int, group: dist.ProcessGroup, chunks: int = 1) -> None:
+        self.chunks = chunks
+        self.group = register_group(group)
         self.ep_size = dist.get_world_size(group)
         self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size:
@@ -63,38 +63,104 @@ class AllToAllDispatcher(Dispatcher):
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
 
-    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Dispatched:
-        num_tokens = topk_ids.shape[0]
+    def plan(self, topk_ids: torch.Tensor) -> _Plan:
+        """Count exchange and the destination order of the (token, rank) pairs; the split sizes start their way to
+        the host (non-blocking, into pinned memory) and are read only in dispatch."""
         ep, num_local = self.ep_size, self.num_local
         owns = destination_mask(topk_ids, self.num_experts, ep)
         per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_ids.device)
         per_expert.scatter_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids.reshape(-1)))
         # [ep, E_local + 1]: for each destination, rows per expert of its and the token rows sent there
         counts = torch.cat([per_expert.view(ep, num_local), owns.sum(dim=0)[:, None]], dim=1)
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
-        # (destination, token) pairs, destination-major, the pairs that travel first and in token order
+        recv_counts = all_to_all(counts, [1] * ep, [1] * ep, self.group)
+        sizes = torch.cat([counts[:, -1], recv_counts.reshape(-1)])
+        ready = None
+        if sizes.is_cuda:
+            sizes = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True).copy_(sizes, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        # (destination, token) pairs, destination-major: the pairs that travel first, each destination's in token order
         pair_order = torch.sort(~owns.t().reshape(-1), stable=True).indices
-        # The one host synchronisation of this layer: all_to_all needs its split sizes on the host.
-        sizes = torch.cat([counts[:, -1], recv_counts.reshape(-1)]).tolist()
+        return _Plan(owns, pair_order, sizes, ready)
+
+    def dispatch(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: _Plan | None = None
+    ) -> Dispatched:
+        plan = self.plan(topk_ids) if plan is None else plan
+        num_tokens, ep, num_local = topk_ids.shape[0], self.ep_size, self.num_local
+        if plan.ready is not None:
+            plan.ready.synchronize()  # the layer's one wait for the host, behind the shared experts
+        sizes = plan.sizes.tolist()
         send_splits = sizes[:ep]
         received = torch.tensor(sizes[ep:]).view(ep, num_local + 1)
         recv_splits = received[:, -1].tolist()
         num_rows = int(received[:, :-1].sum())
         num_pairs = sum(send_splits)
-        send_token = pair_order[:num_pairs] % num_tokens
-        tokens = _AllToAll.apply(hidden[send_token], recv_splits, send_splits, self.group)
-        ids = _all_to_all(topk_ids[send_token], recv_splits, send_splits, self.group)
-        weights = _AllToAll.apply(topk_weights[send_token], recv_splits, send_splits, self.group)
+        send_token = plan.pair_order[:num_pairs] % num_tokens
+        tokens = all_to_all(hidden[send_token], recv_splits, send_splits, self.group)
+        ids = all_to_all(topk_ids[send_token], recv_splits, send_splits, self.group)
+        weights = all_to_all(topk_weights[send_token], recv_splits, send_splits, self.group)
         local = ids - self.ep_rank * num_local
         slot_expert = torch.where((local >= 0) & (local < num_local), local, num_local)
         rows = expert_rows(slot_expert, weights, num_local, num_rows)
-        position = torch.empty_like(pair_order).scatter_(0, pair_order, torch.arange(ep * num_tokens,
-                                                                                       device=pair_order.device))
-        token_rows, token_ptr = token_major(owns, position.view(ep, num_tokens).t(), num_pairs)
+        positions = torch.arange(ep * num_tokens, device=topk_ids.device)
+        position = torch.empty_like(plan.pair_order).scatter_(0, plan.pair_order, positions)
+        token_rows, token_ptr = token_major(plan.owns, position.view(ep, num_tokens).t(), num_pairs)
         return Dispatched(tokens, rows, (send_token, token_rows, token_ptr, send_splits, recv_splits))
+
+    def __call__(self, hidden, topk_ids, topk_weights, experts, side=None):
+        if self.chunks == 1:
+            return super().__call__(hidden, topk_ids, topk_weights, experts, side)
+        pieces = list(zip(*(t.tensor_split(self.chunks) for t in (hidden, topk_ids, topk_weights)), strict=True))
+        comm = _CommStream(hidden.device)
+        plans = [comm.run(self.plan, ids) for _, ids, _ in pieces]
+        side_out = side() if side is not None else None
+        pending = comm.run(self.dispatch, *pieces[0], plans[0])
+        outs = []
+        for i in range(len(pieces)):
+            dispatched = comm.wait(pending)
+            if i + 1 < len(pieces):
+                pending = comm.run(self.dispatch, *pieces[i + 1], plans[i + 1])
+            expert_out = experts(dispatched.tokens, dispatched.rows)
+            outs.append(comm.run(self.combine, expert_out, dispatched))
+        return torch.cat([comm.wait(out) for out in outs]), side_out
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         send_token, token_rows, token_ptr, send_splits, recv_splits = dispatched.state
-        back = _AllToAll.apply(expert_out, send_splits, recv_splits, self.group)
+        back = all_to_all(expert_out, send_splits, recv_splits, self.group)
         return GatherSum.apply(back, send_token, token_rows, token_ptr, "auto")
+
+
+class _CommStream:
+    """Runs work on a side CUDA stream and hands its results back to the compute stream; on CPU, in place."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self.stream = _side_stream(device) if device.type == "cuda" else None
+
+    def run(self, fn, *args):
+        if self.stream is None:
+            return fn(*args)
+        self.stream.wait_stream(self.compute)
+        with torch.cuda.stream(self.stream):
+            return fn(*args)
+
+    def wait(self, result):
+        """`result` (a tensor or a Dispatched) is safe to use on the compute stream."""
+        if self.stream is None:
+            return result
+        self.compute.wait_stream(self.stream)
+        tensors = [result] if isinstance(result, torch.Tensor) else [
+            *(t for t in vars(result.rows).values()), result.tokens, *result.state[:3]]
+        for tensor in tensors:
+            tensor.record_stream(self.compute)
+        return result
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]

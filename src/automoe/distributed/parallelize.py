@@ -24,6 +24,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..moe.block import MoEBlock
+from .collectives import ALL_TO_ALL_OPS
 from .dispatch import AllToAllDispatcher
 from .setup import DistributedSetup
 
@@ -71,15 +72,20 @@ def shard_experts(experts: nn.Module, setup: DistributedSetup) -> None:
         experts._parameters[name] = nn.Parameter(dtensor, requires_grad=param.requires_grad)
 
 
+def _all_to_all(block: MoEBlock, setup: DistributedSetup) -> AllToAllDispatcher:
+    return AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group(), setup.dispatch_chunks)
+
+
 def _policy(save: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def checkpoint_function(mode: str):
     """The function decoder layers checkpoint with. Both modes keep the router's top-k outputs, so recomputation
-    never reroutes (a recomputed routing could change token counts and break the saved graph). "full"
-    recomputes everything else; "selective" also keeps the attention kernel's outputs."""
-    save = _ROUTING_OPS | (_ATTENTION_OPS if mode == "selective" else frozenset())
+    never reroutes (a recomputed routing could change token counts and break the saved graph), and what each
+    expert-parallel all-to-all received, so recomputation never runs a collective. "full" recomputes everything
+    else; "selective" also keeps the attention kernel's outputs."""
+    save = _ROUTING_OPS | ALL_TO_ALL_OPS | (_ATTENTION_OPS if mode == "selective" else frozenset())
     context_fn = partial(create_selective_checkpoint_contexts, partial(_policy, save))
     return partial(checkpoint, use_reentrant=False, context_fn=context_fn)
 
@@ -111,7 +117,7 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
     if setup.world_size == 1 and not mixed_precision:
         if setup.dispatcher == "all_to_all":  # a loopback: every dispatch and combine runs the EP code
             for block in blocks:
-                block.dispatcher = AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group())
+                block.dispatcher = _all_to_all(block, setup)
         return model
     mp = MixedPrecisionPolicy(param_dtype=setup.param_dtype, reduce_dtype=setup.reduce_dtype)
     ignored: set[nn.Parameter] = set()
@@ -119,7 +125,7 @@ def parallelize_model(model: nn.Module, setup: DistributedSetup) -> nn.Module:
         experts = getattr(block, block.spec.experts_attr)
         shard_experts(experts, setup)
         if setup.dispatcher == "all_to_all":
-            block.dispatcher = AllToAllDispatcher(block.spec.experts.num_experts, setup.ep_mesh.get_group())
+            block.dispatcher = _all_to_all(block, setup)
         # An expert's gradient sums the contributions of the tokens of every rank of its ep group (they came
         # through the all-to-all); dividing by the whole world size makes it the gradient of the mean loss.
         if setup.expert_dp_mesh.size() == 1 and not mixed_precision:

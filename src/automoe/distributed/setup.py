@@ -45,6 +45,7 @@ class DistributedSetup:
     reduce_dtype: torch.dtype | None = None
     reshard_after_forward: bool = True
     dispatcher: str = "local"
+    dispatch_chunks: int = 1
     mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
     dp_shard_mesh: DeviceMesh | None = field(default=None, compare=False, repr=False)
 
@@ -95,8 +96,9 @@ def create_distributed_setup_from_config(config: dict[str, Any]) -> DistributedS
     "selective"), param_dtype, reduce_dtype (FSDP2 mixed precision; None keeps the weights' dtype),
     reshard_after_forward, dispatcher: how MoE tokens reach their experts, "auto" (the default: "local" at
     ep_size 1, else "all_to_all"), "local" (ep_size 1 only) or "all_to_all" (over NCCL on GPUs, gloo on CPU;
-    at ep_size 1 a loopback through the same code, to measure it). Unknown keys and sizes the world size does
-    not allow are errors.
+    at ep_size 1 a loopback through the same code, to measure it), dispatch_chunks (all_to_all: the tokens of a
+    layer go in that many pipelined chunks, a chunk's all-to-all overlapping the previous chunk's experts on
+    CUDA; default 1). Unknown keys and sizes the world size does not allow are errors.
     """
     if not isinstance(config, dict):
         raise TypeError(f"create_distributed_setup_from_config takes a dict, not {type(config).__name__}.")
@@ -115,7 +117,7 @@ def create_distributed_setup_from_config(config: dict[str, Any]) -> DistributedS
             f"distributed setup: activation_checkpointing={checkpointing!r}; choose one of {CHECKPOINTING}."
         )
     opts["activation_checkpointing"] = checkpointing
-    for key in ("ep_size", "dp_replicate_size"):
+    for key in ("ep_size", "dp_replicate_size", "dispatch_chunks"):
         value = opts.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"distributed setup: {key} must be a positive integer, not {value!r}.")

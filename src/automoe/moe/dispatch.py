@@ -6,8 +6,8 @@ sorted by local expert, with its routing weight). The experts return [N, H], eac
 summed over its experts on this rank, and `combine(expert_out, dispatched)` brings those back to the [T, H]
 tokens of the caller. The local dispatcher here hands the tokens over as they are; the expert-parallel one
 (automoe.distributed.dispatch) sends each token once to each rank that owns any of its experts. Calling a
-dispatcher runs dispatch -> experts -> combine, with `side` (the shared experts) computed while the tokens are
-away, so a dispatcher that overlaps communication with compute changes nothing for the block.
+dispatcher runs plan -> side (the shared experts) -> dispatch -> experts -> combine, so a dispatcher that
+overlaps communication with compute changes nothing for the block.
 """
 
 from __future__ import annotations
@@ -72,8 +72,9 @@ def token_major(present: torch.Tensor, position: torch.Tensor, num_rows: int) ->
 def expert_rows(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts: int, num_rows: int) -> ExpertRows:
     """ExpertRows from each token's k slots: slot_expert [N, k] the local expert of each slot, `num_experts` for
     a slot whose expert is elsewhere (it makes no row); slot_weight [N, k]. num_rows: how many slots are rows
-    (N * k when every expert is local), known on the host. The sort is stable, so rows of one expert keep token
-    order. No host sync."""
+    (N * k when every expert is local; then the CSR is built without the scatter, fewer launches on the
+    host-bound forward), known on the host. The sort is stable, so rows of one expert keep token order. No host
+    sync."""
     num_tokens, top_k = slot_expert.shape
     flat = slot_expert.reshape(-1)
     order = torch.sort(flat, stable=True).indices
@@ -81,15 +82,27 @@ def expert_rows(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_expert
     counts.scatter_add_(0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts[:num_experts], dim=0, dtype=torch.int32)
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
-    token_rows, token_ptr = token_major(slot_expert < num_experts, position.view(num_tokens, top_k), num_rows)
+    if num_rows == flat.numel():  # every slot is a row (all experts here): a token's rows are its k slots
+        token_rows, token_ptr = position, torch.arange(0, num_rows + 1, top_k, device=flat.device)
+    else:
+        token_rows, token_ptr = token_major(slot_expert < num_experts, position.view(num_tokens, top_k), num_rows)
     order = order[:num_rows]
     return ExpertRows(order // top_k, offsets, slot_weight.reshape(-1)[order], token_rows, token_ptr)
 
 
 class Dispatcher:
-    """dispatch + combine around the experts; `__call__` is what the MoE block runs."""
+    """plan + dispatch + combine around the experts; `__call__` is what the MoE block runs.
 
-    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Dispatched:
+    plan(topk_ids) is the work that needs only the routing (an expert-parallel dispatcher exchanges counts there
+    and starts copying split sizes to the host); `side` runs after it, so that copy is hidden behind the shared
+    experts instead of stalling the stream."""
+
+    def plan(self, topk_ids: torch.Tensor) -> object:
+        return None
+
+    def dispatch(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: object = None
+    ) -> Dispatched:
         raise NotImplementedError
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
@@ -100,8 +113,9 @@ class Dispatcher:
         side: Callable[[], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(routed output [T, H], side() or None)."""
-        dispatched = self.dispatch(hidden, topk_ids, topk_weights)
+        plan = self.plan(topk_ids)
         side_out = side() if side is not None else None
+        dispatched = self.dispatch(hidden, topk_ids, topk_weights, plan)
         return self.combine(experts(dispatched.tokens, dispatched.rows), dispatched), side_out
 
 
@@ -111,7 +125,9 @@ class LocalDispatcher(Dispatcher):
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
 
-    def dispatch(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Dispatched:
+    def dispatch(
+        self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: object = None
+    ) -> Dispatched:
         return Dispatched(hidden, expert_rows(topk_ids, topk_weights, self.num_experts, topk_ids.numel()))
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
