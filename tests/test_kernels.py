@@ -27,7 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 SPECS = {
-    "swiglu": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8),
+    "swiglu": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8, act_name="silu"),
     "gpt_oss": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8, activation="clamped_swiglu",
                            interleaved=True, transposed=True, swiglu_limit=1.0),
 }

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .families import NAMED_FAMILIES
-from .families.recognize import Unrecognized, block_spec, build_router, find_experts
+from .families.recognize import Unrecognized, block_spec, build_router, cpu_twin, find_experts
 from .kernels import apply_kernels
 from .moe.adopt import adopt_tensors, hf_compatible_class
 from .moe.block import MoEBlock
@@ -102,7 +102,7 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
             block = build_block(module, spec, options)
             if family not in NAMED_FAMILIES:
                 if type(module) not in verified:
-                    verified[type(module)] = _probe_reason(module, block)
+                    verified[type(module)] = _probe_reason(module, block, options)
                 if verified[type(module)]:
                     raise Unrecognized(verified[type(module)])
         except Unrecognized as why:
@@ -129,10 +129,13 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
     return model
 
 
-def _probe_reason(hf_block: nn.Module, block: MoEBlock) -> str | None:
+def _probe_reason(hf_block: nn.Module, block: MoEBlock, options: AutoMoEOptions) -> str | None:
+    """Why the block cannot be accelerated, or None. A block on the meta device (every distributed load builds
+    there) is checked on a CPU twin of the HF block with random tensors, built into automoe's block the same way."""
     weight = getattr(block, block.spec.experts_attr).gate_up_proj
     if weight.device.type == "meta":
-        return None
+        hf_block = cpu_twin(hf_block, torch.float32, seed=0)
+        block = build_block(hf_block, block.spec, options)
     try:
         verify_block(hf_block, block)
     except Unrecognized as why:

@@ -19,6 +19,7 @@ from ..moe.experts import gated_activation
 from ..moe.router import Router
 from ..moe.spec import BlockSpec, ExpertsSpec, RouterSpec
 from . import BLOCK_OVERRIDES
+from .activation import identify_activation
 
 
 class Unrecognized(Exception):
@@ -59,7 +60,7 @@ def experts_spec(experts: nn.Module) -> ExpertsSpec:
     if type(experts)._apply_gate is _default_apply_gate:
         if not isinstance(getattr(experts, "act_fn", None), nn.Module):
             raise Unrecognized(f"{type(experts).__name__} has no act_fn module")
-        return spec
+        return replace(spec, act_name=identify_activation(experts.act_fn))
     if hasattr(experts, "alpha") and hasattr(experts, "limit"):
         clamped = replace(spec, activation="clamped_swiglu", swiglu_alpha=experts.alpha, swiglu_limit=experts.limit)
         probe = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 10
@@ -94,7 +95,7 @@ def _router_candidates(router: nn.Module, config, num_experts: int, top_k: int) 
     return [RouterSpec(**base, **fam, **flags) for fam in families for flags in dtype_flags]
 
 
-def _cpu_twin(module: nn.Module, dtype: torch.dtype, seed: int) -> nn.Module:
+def cpu_twin(module: nn.Module, dtype: torch.dtype, seed: int) -> nn.Module:
     """A CPU copy of a small module with fresh random tensors (works for meta-device modules too)."""
     twin = copy.deepcopy(module).to_empty(device="cpu").to(dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -125,7 +126,7 @@ def router_spec(router: nn.Module, config, num_experts: int) -> RouterSpec:
         raise Unrecognized(f"cannot tell top-k of router {type(router).__name__}")
     candidates = _router_candidates(router, config, num_experts, top_k)
     for dtype, seed in ((torch.float32, 0), (torch.bfloat16, 1)):
-        twin = _cpu_twin(router, dtype, seed)
+        twin = cpu_twin(router, dtype, seed)
         x = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(seed + 7), device="cpu").to(dtype)
         try:
             with torch.no_grad():

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")
 ACTIVATIONS = ("swiglu", "clamped_swiglu")
+# the expert activation functions automoe's kernels compute exactly (recognition names the model's act_fn by
+# probing it against each; an act_fn that matches none keeps act_name None and runs the torch path)
+ACT_NAMES = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class RouterSpec:
 class ExpertsSpec:
     """The expert MLP: SwiGLU-style gate/up, down, and how the fused tensors are laid out.
 
+    act_name: which of ACT_NAMES the model's act_fn computes; None when it is none of them (then every path
+        calls the act_fn module itself). Never assumed: recognition sets it by probing the act_fn.
     interleaved: gate and up alternate along the 2I axis (GPT-OSS) instead of [gate; up].
     transposed: weights stored [E, in, out] (GPT-OSS) instead of HF's usual [E, out, in].
     """
@@ -51,7 +56,7 @@ class ExpertsSpec:
     hidden_size: int
     intermediate_size: int
     activation: str = "swiglu"
-    act_name: str = "silu"
+    act_name: str | None = None
     interleaved: bool = False
     transposed: bool = False
     has_bias: bool = False
@@ -61,6 +66,8 @@ class ExpertsSpec:
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown experts activation {self.activation!r}; known: {ACTIVATIONS}")
+        if self.act_name is not None and self.act_name not in ACT_NAMES:
+            raise ValueError(f"unknown expert act_name {self.act_name!r}; known: {ACT_NAMES} or None")
 
 
 @dataclass(frozen=True)
