@@ -42,12 +42,12 @@ def test_act_fn_is_named_by_what_it_computes(hidden_act, name):
 
 @needs_kernels
 @pytest.mark.parametrize("hidden_act", ["silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu", "relu2"])
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_kernel_computes_the_named_activation(hidden_act, interleaved):
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved", "no gate"])
+def test_kernel_computes_the_named_activation(hidden_act, layout):
     act_fn = ACT2FN[hidden_act]
-    spec = ExpertsSpec(num_experts=4, hidden_size=16, intermediate_size=40, interleaved=interleaved,
-                       act_name=identify_activation(act_fn))
-    h = (torch.randn(29, 80, device=DEVICE) * 3).to(DTYPE)
+    spec = ExpertsSpec(num_experts=4, hidden_size=16, intermediate_size=40, interleaved=layout == "interleaved",
+                       has_gate=layout != "no gate", act_name=identify_activation(act_fn))
+    h = (torch.randn(29, 80 if spec.has_gate else 40, device=DEVICE) * 3).to(DTYPE)
     w = torch.rand(29, device=DEVICE)
     grad = torch.randn(29, 40, device=DEVICE).to(DTYPE)
     out = swiglu.weighted_activation(h, w, spec, act_fn, "triton")

@@ -13,6 +13,7 @@ from automoe.moe.block import MoEBlock
 ACCELERATED = [
     "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss",  # named
     "glm4_moe", "flex_olmo", "dots1",  # recognised by structure alone
+    "nemotron_h", "nemotron_h_latent",  # Mamba2 + attention + non-gated relu2 experts; LatentMoE projections
 ]
 
 

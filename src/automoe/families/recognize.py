@@ -27,10 +27,12 @@ class Unrecognized(Exception):
 
 
 def find_experts(block: nn.Module) -> tuple[str, nn.Module] | None:
-    """The child holding fused 3D expert tensors, if the block has one."""
+    """The child holding fused 3D expert tensors (gate_up_proj, or up_proj without a gate), if the block has one."""
     for name, child in block.named_children():
-        gate_up = getattr(child, "gate_up_proj", None)
-        if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and hasattr(child, "down_proj"):
+        first = getattr(child, "gate_up_proj", None)
+        if first is None:
+            first = getattr(child, "up_proj", None)
+        if isinstance(first, torch.Tensor) and first.dim() == 3 and hasattr(child, "down_proj"):
             return name, child
     return None
 
@@ -40,24 +42,22 @@ def experts_spec(experts: nn.Module) -> ExpertsSpec:
         raise Unrecognized(
             f"{type(experts).__name__} does not declare its layout through transformers' use_experts_implementation"
         )
-    if not getattr(experts, "has_gate", True):
-        raise Unrecognized(f"{type(experts).__name__} has no gate projection (plain up/down experts)")
     if getattr(experts, "has_post_expert_norm", False):
         raise Unrecognized(f"{type(experts).__name__} applies a norm after each expert")
-    num_experts = experts.gate_up_proj.shape[0]
-    if experts.is_transposed:
-        hidden, two_inter = experts.gate_up_proj.shape[1:]
-    else:
-        two_inter, hidden = experts.gate_up_proj.shape[1:]
+    has_gate = getattr(experts, "has_gate", True)
+    first = experts.gate_up_proj if has_gate else experts.up_proj
+    num_experts = first.shape[0]
+    hidden, width = first.shape[1:] if experts.is_transposed else reversed(first.shape[1:])
     spec = ExpertsSpec(
         num_experts=num_experts,
         hidden_size=hidden,
-        intermediate_size=two_inter // 2,
+        intermediate_size=width // 2 if has_gate else width,
+        has_gate=has_gate,
         interleaved=not experts.is_concatenated,
         transposed=experts.is_transposed,
         has_bias=experts.has_bias,
     )
-    if type(experts)._apply_gate is _default_apply_gate:
+    if not has_gate or type(experts)._apply_gate is _default_apply_gate:
         if not isinstance(getattr(experts, "act_fn", None), nn.Module):
             raise Unrecognized(f"{type(experts).__name__} has no act_fn module")
         return replace(spec, act_name=identify_activation(experts.act_fn))
@@ -173,14 +173,18 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
     exp = experts_spec(experts)
     if list(block.named_parameters(recurse=False)) or list(block.named_buffers(recurse=False)):
         raise Unrecognized(f"{type(block).__name__} holds tensors of its own outside router and experts")
-    router_attr = shared_attr = shared_gate_attr = None
+    router_attr = shared_attr = shared_gate_attr = latent_in_attr = latent_out_attr = None
     for name, child in block.named_children():
-        if name == experts_attr:
-            continue
+        if name == experts_attr or not list(child.parameters()) + list(child.buffers()):
+            continue  # parameter-free children (HF's nn.Identity stand-ins) are kept and not called
         weight = getattr(child, "weight", None)
         if isinstance(child, nn.Linear) and child.out_features == 1 and "shared" in name:
             shared_gate_attr = name
-        elif isinstance(weight, torch.Tensor) and tuple(weight.shape) == (exp.num_experts, exp.hidden_size):
+        elif isinstance(child, nn.Linear) and "latent" in name and child.out_features == exp.hidden_size:
+            latent_in_attr = name
+        elif isinstance(child, nn.Linear) and "latent" in name and child.in_features == exp.hidden_size:
+            latent_out_attr = name
+        elif isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == exp.num_experts:
             router_attr = name
         elif "shared" in name and shared_attr is None:
             shared_attr = name
@@ -192,6 +196,8 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
         raise Unrecognized(f"{type(block).__name__} has no router with a [{exp.num_experts}, hidden] weight")
     if shared_gate_attr and not shared_attr:
         raise Unrecognized(f"{type(block).__name__} has a shared-expert gate but no shared expert")
+    if (latent_in_attr is None) != (latent_out_attr is None):
+        raise Unrecognized(f"{type(block).__name__} projects into the experts' latent width but not back")
     spec = BlockSpec(
         router=router_spec(getattr(block, router_attr), config, exp.num_experts),
         experts=exp,
@@ -199,6 +205,8 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
         experts_attr=experts_attr,
         shared_attr=shared_attr,
         shared_gate_attr=shared_gate_attr,
+        latent_in_attr=latent_in_attr,
+        latent_out_attr=latent_out_attr,
         jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0),
     )
     return replace(spec, **BLOCK_OVERRIDES.get(config.model_type, {}))

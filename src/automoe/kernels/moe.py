@@ -121,7 +121,7 @@ def _param_grad(inputs: torch.Tensor, grads: torch.Tensor, offsets: torch.Tensor
 
 def routed_experts(experts: nn.Module, tokens: torch.Tensor, rows: ExpertRows, mode: str) -> torch.Tensor:
     """The fused path of an Experts module: [N, H] tokens and their rows -> [N, H] weighted sums of experts."""
-    tensors = [experts.local_tensor(n) for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")]
+    tensors = [experts.local_tensor(n) for n in experts.spec.tensor_names]
     return RoutedExperts.apply(tokens, rows.token_of_row, rows.offsets, rows.weights, rows.token_rows,
                                rows.token_ptr, *tensors, experts.spec, experts.act_fn, mode)
 

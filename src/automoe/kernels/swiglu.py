@@ -5,7 +5,7 @@ sum and lets the backward get d(weight) from tensors it already has, so the expe
 kept for it. The Triton kernels cover act(gate) * up for every act in ACT_NAMES (SiLU for Qwen3, Mixtral, OLMoE,
 DeepSeek, ...; the GELUs, ReLU and ReLU^2) and GPT-OSS's clamped SwiGLU, on [gate; up] or interleaved gate/up,
 and add the gate/up bias of each row's expert on the fly (so the saved gate/up output stays bias-free and no
-biased copy is made). An act_fn recognition could not name (spec.act_name None) takes the torch reference,
+biased copy is made); experts without a gate (NemotronH) get act(up) the same way. An act_fn recognition could not name (spec.act_name None) takes the torch reference,
 which calls the model's own act_fn and recomputes through autograd.
 """
 
@@ -39,6 +39,15 @@ if triton_available():
             g += tl.load(bias_row + gate_col, mask=mask, other=0.0).to(tl.float32)
             u += tl.load(bias_row + up_col, mask=mask, other=0.0).to(tl.float32)
         return g, u, gate_col, up_col
+
+    @triton.jit
+    def _load_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, HAS_BIAS: tl.constexpr):
+        """fp32 up projection (+ this row's expert bias) of experts without a gate, at columns `col`."""
+        u = tl.load(h_ptr + row * inter + col, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + tl.load(expert_ptr + row).to(tl.int64) * inter + col, mask=mask,
+                         other=0.0).to(tl.float32)
+        return u
 
     @triton.jit
     def _act(g, ACT: tl.constexpr):
@@ -86,41 +95,51 @@ if triton_available():
     @triton.jit
     def _weighted_act_fwd_kernel(h_ptr, w_ptr, bias_ptr, expert_ptr, a_ptr, inter, alpha, limit,
                                  INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, ACT: tl.constexpr,
-                                 HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                                 GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         w = tl.load(w_ptr + row).to(tl.float32)
         for start in range(0, inter, BLOCK):
             col = start + tl.arange(0, BLOCK)
             mask = col < inter
-            g, u, _, _ = _load_gate_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED, HAS_BIAS)
-            a, _, _ = _gated(g, u, alpha, limit, CLAMPED, ACT)
+            if GATED:
+                g, u, _, _ = _load_gate_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED,
+                                           HAS_BIAS)
+                a, _, _ = _gated(g, u, alpha, limit, CLAMPED, ACT)
+            else:
+                a, _ = _act(_load_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, HAS_BIAS), ACT)
             tl.store(a_ptr + row * inter + col, (a * w).to(a_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _weighted_act_bwd_kernel(da_ptr, h_ptr, w_ptr, bias_ptr, expert_ptr, dh_ptr, dw_ptr, a_ptr, inter,
                                  alpha, limit, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr,
-                                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         w = tl.load(w_ptr + row).to(tl.float32)
         dw = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, inter, BLOCK):
             col = start + tl.arange(0, BLOCK)
             mask = col < inter
-            g, u, gate_col, up_col = _load_gate_up(
-                h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED, HAS_BIAS
-            )
             da = tl.load(da_ptr + row * inter + col, mask=mask, other=0.0).to(tl.float32)
-            a, da_dg, da_du = _gated(g, u, alpha, limit, CLAMPED, ACT)
+            if GATED:
+                g, u, gate_col, up_col = _load_gate_up(
+                    h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED, HAS_BIAS
+                )
+                a, da_dg, da_du = _gated(g, u, alpha, limit, CLAMPED, ACT)
+                dh_row = dh_ptr + row * 2 * inter
+                tl.store(dh_row + gate_col, (da * w * da_dg).to(dh_ptr.dtype.element_ty), mask=mask)
+                tl.store(dh_row + up_col, (da * w * da_du).to(dh_ptr.dtype.element_ty), mask=mask)
+            else:
+                a, da_du = _act(_load_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, HAS_BIAS), ACT)
+                tl.store(dh_ptr + row * inter + col, (da * w * da_du).to(dh_ptr.dtype.element_ty), mask=mask)
             dw += da * a
-            dh_row = dh_ptr + row * 2 * inter
-            tl.store(dh_row + gate_col, (da * w * da_dg).to(dh_ptr.dtype.element_ty), mask=mask)
-            tl.store(dh_row + up_col, (da * w * da_du).to(dh_ptr.dtype.element_ty), mask=mask)
             tl.store(a_ptr + row * inter + col, (a * w).to(a_ptr.dtype.element_ty), mask=mask)
         tl.store(dw_ptr + row, tl.sum(dw, axis=0))
 
 
 def triton_covers(spec: ExpertsSpec) -> bool:
-    """The kernels compute exactly the clamped SwiGLU and act(gate) * up for a named act; nothing else."""
+    """The kernels compute exactly the clamped SwiGLU, act(gate) * up and act(up) (no gate) for a named act;
+    nothing else."""
     return spec.activation == "clamped_swiglu" or spec.act_name is not None
 
 
@@ -147,7 +166,7 @@ def weighted_activation(
     """The forward: a [S, I] from h [S, 2I] (bias-free; `bias` is added on the fly) and weights [S]."""
     if not (triton_covers(spec) and use_triton(mode, h)):
         return weighted_activation_reference(h, weights, spec, act_fn, bias)
-    rows, inter = h.shape[0], h.shape[1] // 2
+    rows, inter = h.shape[0], h.shape[1] // (2 if spec.has_gate else 1)
     out = torch.empty(rows, inter, device=h.device, dtype=h.dtype)
     if rows:
         _weighted_act_fwd_kernel[(rows,)](
@@ -169,7 +188,7 @@ def weighted_activation_backward(
             out = gated_activation(_biased(h_, bias), spec, act_fn) * w_[:, None]
             dh, dw = torch.autograd.grad(out, (h_, w_), grad.float())
         return dh.to(h.dtype), dw, out.detach().to(h.dtype)
-    rows, inter = h.shape[0], h.shape[1] // 2
+    rows, inter = h.shape[0], h.shape[1] // (2 if spec.has_gate else 1)
     dh = torch.empty_like(h)
     dw = torch.empty(rows, device=h.device, dtype=torch.float32)
     act = torch.empty(rows, inter, device=h.device, dtype=h.dtype)
@@ -188,6 +207,6 @@ def _kernel_args(spec: ExpertsSpec, bias: GateUpBias | None, inter: int) -> dict
     return dict(
         bias_ptr=bias_ptr, expert_ptr=expert_ptr, alpha=float(spec.swiglu_alpha), limit=float(spec.swiglu_limit),
         INTERLEAVED=spec.interleaved, CLAMPED=spec.activation == "clamped_swiglu",
-        ACT=ACT_NAMES.index(spec.act_name) if spec.act_name else 0, HAS_BIAS=bias is not None,
+        ACT=ACT_NAMES.index(spec.act_name) if spec.act_name else 0, GATED=spec.has_gate, HAS_BIAS=bias is not None,
         BLOCK=min(1024, triton.next_power_of_2(inter)),
     )

@@ -11,7 +11,8 @@ from .spec import BlockSpec
 
 class MoEBlock(nn.Module):
     """Keeps the HF block's child names (spec.router_attr, spec.experts_attr, spec.shared_attr,
-    spec.shared_gate_attr) so every parameter keeps its HF key. `dispatcher` is a plain attribute that
+    spec.shared_gate_attr, the latent projections and any parameter-free child, e.g. HF's nn.Identity stand-ins)
+    so every parameter keeps its HF key. `dispatcher` is a plain attribute that
     expert parallelism swaps for its all-to-all version; the experts module is the same under every dispatcher."""
 
     def __init__(
@@ -21,6 +22,7 @@ class MoEBlock(nn.Module):
         experts: nn.Module,
         shared: nn.Module | None = None,
         shared_gate: nn.Module | None = None,
+        others: dict[str, nn.Module] | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.spec = spec
@@ -30,6 +32,8 @@ class MoEBlock(nn.Module):
             self.add_module(spec.shared_attr, shared)
         if spec.shared_gate_attr:
             self.add_module(spec.shared_gate_attr, shared_gate)
+        for name, module in (others or {}).items():
+            self.add_module(name, module)
         self.dispatcher = LocalDispatcher(spec.experts.num_experts)
 
     def _shared_experts(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +50,11 @@ class MoEBlock(nn.Module):
             x = x * noise
         _, topk_weights, topk_ids = getattr(self, self.spec.router_attr)(x)
         side = (lambda: self._shared_experts(x)) if self.spec.shared_attr else None
-        out, shared = self.dispatcher(x, topk_ids, topk_weights, getattr(self, self.spec.experts_attr), side)
+        tokens = getattr(self, self.spec.latent_in_attr)(x) if self.spec.latent_in_attr else x
+        out, shared = self.dispatcher(tokens, topk_ids, topk_weights, getattr(self, self.spec.experts_attr), side)
         out = out.to(x.dtype)
+        if self.spec.latent_out_attr:
+            out = getattr(self, self.spec.latent_out_attr)(out)
         if shared is not None:
             out = out + shared
         out = out.view(shape)

@@ -48,6 +48,7 @@ class ExpertsSpec:
 
     act_name: which of ACT_NAMES the model's act_fn computes; None when it is none of them (then every path
         calls the act_fn module itself). Never assumed: recognition sets it by probing the act_fn.
+    has_gate: False for plain up/down experts (NemotronH: act(x @ up) @ down, tensors up_proj / down_proj).
     interleaved: gate and up alternate along the 2I axis (GPT-OSS) instead of [gate; up].
     transposed: weights stored [E, in, out] (GPT-OSS) instead of HF's usual [E, out, in].
     """
@@ -57,13 +58,22 @@ class ExpertsSpec:
     intermediate_size: int
     activation: str = "swiglu"
     act_name: str | None = None
+    has_gate: bool = True
     interleaved: bool = False
     transposed: bool = False
     has_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
 
+    @property
+    def tensor_names(self) -> tuple[str, str, str, str]:
+        """HF's names of (first projection, down projection, their biases)."""
+        first = "gate_up_proj" if self.has_gate else "up_proj"
+        return first, "down_proj", f"{first}_bias", "down_proj_bias"
+
     def __post_init__(self) -> None:
+        if not self.has_gate and self.activation != "swiglu":
+            raise ValueError(f"experts without a gate have no {self.activation!r} activation")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown experts activation {self.activation!r}; known: {ACTIVATIONS}")
         if self.act_name is not None and self.act_name not in ACT_NAMES:
@@ -80,5 +90,8 @@ class BlockSpec:
     experts_attr: str = "experts"
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
+    # LatentMoE (Nemotron 3 Super/Ultra): Linear projections into the experts' width before dispatch and back after
+    latent_in_attr: str | None = None
+    latent_out_attr: str | None = None
     returns_router_scores: bool = False
     jitter_noise: float = 0.0
