@@ -5,8 +5,9 @@ sum and lets the backward get d(weight) from tensors it already has, so the expe
 kept for it. The Triton kernels cover act(gate) * up for every act in ACT_NAMES (SiLU for Qwen3, Mixtral, OLMoE,
 DeepSeek, ...; the GELUs, ReLU and ReLU^2) and GPT-OSS's clamped SwiGLU, on [gate; up] or interleaved gate/up,
 and add the gate/up bias of each row's expert on the fly (so the saved gate/up output stays bias-free and no
-biased copy is made); experts without a gate (NemotronH) get act(up) the same way. An act_fn recognition could not name (spec.act_name None) takes the torch reference,
-which calls the model's own act_fn and recomputes through autograd.
+biased copy is made); experts without a gate (NemotronH) get act(up) the same way. An act_fn recognition could
+not name (spec.act_name None) takes the torch reference, which calls the model's own act_fn and recomputes
+through autograd.
 """
 
 from __future__ import annotations
