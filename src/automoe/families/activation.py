@@ -26,8 +26,8 @@ assert tuple(REFERENCES) == ACT_NAMES
 
 def identify_activation(act_fn: nn.Module) -> str | None:
     """The name in ACT_NAMES of the function act_fn computes (fp32, to rounding), or None when it is none."""
-    probe = torch.linspace(-12.0, 12.0, 2001, dtype=torch.float64).float()
-    probe = torch.cat([probe, torch.randn(512, generator=torch.Generator().manual_seed(0))])
+    probe = torch.linspace(-12.0, 12.0, 2001, device="cpu")  # on CPU also inside a `torch.device("meta")` build
+    probe = torch.cat([probe, torch.randn(512, generator=torch.Generator().manual_seed(0), device="cpu")])
     with torch.no_grad():
         try:
             got = act_fn(probe.clone())
