@@ -57,15 +57,26 @@ def experts_spec(experts: nn.Module) -> ExpertsSpec:
         transposed=experts.is_transposed,
         has_bias=experts.has_bias,
     )
+    act_fn = getattr(experts, "act_fn", None)
     if not has_gate or type(experts)._apply_gate is _default_apply_gate:
-        if not isinstance(getattr(experts, "act_fn", None), nn.Module):
+        if not isinstance(act_fn, nn.Module):
             raise Unrecognized(f"{type(experts).__name__} has no act_fn module")
-        return replace(spec, act_name=identify_activation(experts.act_fn))
+        return replace(spec, act_name=identify_activation(act_fn))
+    # a custom _apply_gate is matched by what it computes: act(gate) * up (e.g. in fp32, rounded once, as automoe
+    # computes it anyway) or GPT-OSS's clamped SwiGLU
+    candidates = []
+    if isinstance(act_fn, nn.Module):
+        candidates.append(replace(spec, act_name=identify_activation(act_fn)))
     if hasattr(experts, "alpha") and hasattr(experts, "limit"):
-        clamped = replace(spec, activation="clamped_swiglu", swiglu_alpha=experts.alpha, swiglu_limit=experts.limit)
-        probe = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 10
-        if torch.allclose(experts._apply_gate(probe), gated_activation(probe, clamped, None), rtol=1e-5, atol=1e-6):
-            return clamped
+        candidates.append(
+            replace(spec, activation="clamped_swiglu", swiglu_alpha=experts.alpha, swiglu_limit=experts.limit)
+        )
+    probe = torch.randn(8, 2 * spec.intermediate_size, generator=torch.Generator().manual_seed(0), device="cpu") * 10
+    with torch.no_grad():
+        got = experts._apply_gate(probe)
+        for candidate in candidates:
+            if torch.allclose(got, gated_activation(probe, candidate, act_fn), rtol=1e-5, atol=1e-6):
+                return candidate
     raise Unrecognized(f"{type(experts).__name__} has a custom gate activation automoe does not know")
 
 
