@@ -93,12 +93,14 @@ def _router_candidates(router: nn.Module, config, num_experts: int, top_k: int) 
                 score_func="sigmoid",
                 n_group=getattr(config, "n_group", None) or 1,
                 topk_group=getattr(config, "topk_group", None) or 1,
-                routed_scaling_factor=float(getattr(config, "routed_scaling_factor", None) or 1.0),
+                routed_scaling_factor=scale,
                 norm_topk_prob=norm,
                 renorm_eps=eps,
             )
             for norm in (True, False)
             for eps in (1e-20, 0.0)
+            # the factor in the router, or (1.0) applied by the block to the experts' sum (BlockSpec)
+            for scale in {float(getattr(config, "routed_scaling_factor", None) or 1.0), 1.0}
         ]
     else:
         families = [dict(score_func="softmax", norm_topk_prob=norm) for norm in (True, False)]
@@ -220,4 +222,7 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
         latent_out_attr=latent_out_attr,
         jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0),
     )
+    block_scale = getattr(block, "routed_scaling_factor", None)
+    if isinstance(block_scale, float | int) and spec.router.routed_scaling_factor == 1.0:
+        spec = replace(spec, routed_output_scale=float(block_scale))
     return replace(spec, **BLOCK_OVERRIDES.get(config.model_type, {}))

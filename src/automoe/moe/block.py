@@ -55,6 +55,8 @@ class MoEBlock(nn.Module):
         out = out.to(x.dtype)
         if self.spec.latent_out_attr:
             out = getattr(self, self.spec.latent_out_attr)(out)
+        if self.spec.routed_output_scale != 1.0:
+            out = out * self.spec.routed_output_scale
         if shared is not None:
             out = out + shared
         out = out.view(shape)

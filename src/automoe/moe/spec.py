@@ -90,6 +90,8 @@ class BlockSpec:
     experts_attr: str = "experts"
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
+    # a block that scales the experts' weighted sum itself (Beam) rather than in its router
+    routed_output_scale: float = 1.0
     # LatentMoE (Nemotron 3 Super/Ultra): Linear projections into the experts' width before dispatch and back after
     latent_in_attr: str | None = None
     latent_out_attr: str | None = None
