@@ -67,16 +67,15 @@ def sweep_one(model_type: str) -> tuple[str, str]:
 def table() -> dict[str, tuple[str, str]]:
     torch.set_num_threads(1)
     rows = {}
+    print("\nmodel type           | result      | why")
     for model_type in filter(has_causal_lm, experts_model_types()):
         try:
             _build(model_type)
         except Exception as err:  # a tiny config the generic shrinking cannot build is out of the sweep
             rows[model_type] = ("no tiny config", f"{type(err).__name__}: {str(err).splitlines()[0][:80]}")
-            continue
-        rows[model_type] = sweep_one(model_type)
-    print("\nmodel type           | result      | why")
-    for model_type, (result, why) in rows.items():
-        print(f"{model_type:20s} | {result:11s} | {why}")
+        else:
+            rows[model_type] = sweep_one(model_type)
+        print(f"{model_type:20s} | {rows[model_type][0]:11s} | {rows[model_type][1]}", flush=True)
     return rows
 
 
