@@ -27,7 +27,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 SPECS = {
-    "swiglu": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8),
+    "swiglu": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8, act_name="silu"),
     "gpt_oss": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8, activation="clamped_swiglu",
                            interleaved=True, transposed=True, swiglu_limit=1.0),
 }
@@ -287,8 +287,13 @@ def test_building_under_a_device_context_patches_everything(device):
     with torch.device(device):
         model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"fused_loss": True})
     assert model.config._attn_implementation == "automoe_sdpa"
-    assert type(model.model.norm) is not type(model.model.norm).__mro__[1], "RMSNorm patched"
-    assert all(e.fused_forward is not None for e in model.modules() if isinstance(e, Experts))
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    attentions = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert len(norms) == 2 * 2 + 2 * 2 + 1 and len(attentions) == 2 and len(experts) == 2, "every layer's modules"
+    for module, swap in [(m, rmsnorm._SWAP) for m in norms] + [(m, rope._SWAP) for m in attentions]:
+        assert type(module) in swap.subclasses.values() and module.automoe_kernels == "auto", type(module).__name__
+    assert all(e.fused_forward is not None for e in experts)
     assert "forward" in vars(model), "fused loss forward on this instance"
 
 

@@ -37,7 +37,7 @@ def randn(*shape, scale=1.0):
     return (torch.randn(*shape, device=DEVICE) * scale).to(DTYPE)
 
 
-SPEC = ExpertsSpec(num_experts=8, hidden_size=64, intermediate_size=96)
+SPEC = ExpertsSpec(num_experts=8, hidden_size=64, intermediate_size=96, act_name="silu")
 
 
 def test_swiglu_forward_backward():

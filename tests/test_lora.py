@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -324,7 +326,9 @@ def test_finetune_lora_section_exports_adapter_and_merged_model_and_resumes(tmp_
     with torch.no_grad():
         assert rel(plain(input_ids=ids).logits, merged(input_ids=ids).logits) < 1e-4
     full = logged_losses(tmp_path / "full")
-    assert [p.name for p in (tmp_path / "full" / "checkpoints").iterdir()] == ["step_00000003"]
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000003", "step_00000006"]
+    shutil.rmtree(checkpoints / "step_00000006")  # the last step is checkpointed too: resume from step 3
     finetune_lora(tmp_path / "full", 6, resume=True, **{"train.log_every": 1})
     resumed = logged_losses(tmp_path / "full")  # the resumed run's steps 4-6 are logged last
     assert all(abs(resumed[s] - full[s]) <= 1e-5 * abs(full[s]) for s in (4, 5, 6)), (full, resumed)

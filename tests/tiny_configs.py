@@ -83,3 +83,15 @@ def make_config(family: str, **overrides):
     cls_name, extra = FAMILIES[family]
     kwargs = {**COMMON, **extra, **overrides}
     return getattr(transformers, cls_name)(**kwargs)
+
+FAMILIES["nemotron_h"] = (
+    "NemotronHConfig",
+    dict(layers_block_type=["mamba", "moe", "attention", "moe"], num_hidden_layers=4, n_routed_experts=8,
+         num_experts_per_tok=2, moe_intermediate_size=16, moe_shared_expert_intermediate_size=24,
+         intermediate_size=48, n_group=1, topk_group=1, routed_scaling_factor=2.5, mamba_num_heads=4,
+         mamba_head_dim=8, ssm_state_size=8, n_groups=2, chunk_size=16, use_mamba_kernels=False,
+         mlp_hidden_act="relu2", output_router_logits=True),
+)
+FAMILIES["nemotron_h_latent"] = (
+    "NemotronHConfig", dict(FAMILIES["nemotron_h"][1], moe_latent_size=16),
+)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .families import NAMED_FAMILIES
-from .families.recognize import Unrecognized, block_spec, build_router, find_experts
+from .families.recognize import Unrecognized, block_spec, build_router, cpu_twin, find_experts
 from .kernels import apply_kernels
 from .moe.adopt import adopt_tensors, hf_compatible_class
 from .moe.block import MoEBlock
@@ -33,12 +33,13 @@ def build_block(hf_block: nn.Module, spec: BlockSpec, options: AutoMoEOptions) -
     experts = hf_compatible_class(Experts, type(hf_experts))(
         spec.experts, getattr(hf_experts, "act_fn", None), options.experts_backend
     )
-    names = ["gate_up_proj", "down_proj"] + ["gate_up_proj_bias", "down_proj_bias"] * spec.experts.has_bias
-    adopt_tensors(experts, hf_experts, names)
+    adopt_tensors(experts, hf_experts, list(spec.experts.tensor_names[: 4 if spec.experts.has_bias else 2]))
     router = build_router(getattr(hf_block, spec.router_attr), spec.router, options.router == "balanced")
     shared = getattr(hf_block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(hf_block, spec.shared_gate_attr) if spec.shared_gate_attr else None
-    block = hf_compatible_class(MoEBlock, type(hf_block))(spec, router, experts, shared, shared_gate)
+    known = {spec.router_attr, spec.experts_attr, spec.shared_attr, spec.shared_gate_attr}
+    others = {name: child for name, child in hf_block.named_children() if name not in known}
+    block = hf_compatible_class(MoEBlock, type(hf_block))(spec, router, experts, shared, shared_gate, others)
     # HF's child order, so named_parameters() and state_dict() list tensors exactly as HF does
     block._modules = {name: block._modules[name] for name, _ in hf_block.named_children()}
     block.train(hf_block.training)
@@ -62,9 +63,9 @@ def check_backend(spec: BlockSpec, options: AutoMoEOptions, dtype: torch.dtype) 
 def verify_block(hf_block: nn.Module, block: MoEBlock) -> None:
     """Run the HF block and automoe's on the same few random tokens; a family matched by structure alone
     is only accelerated if they agree."""
-    param = block.spec.experts
-    weight = getattr(block, block.spec.experts_attr).gate_up_proj
-    x = torch.randn(1, 8, param.hidden_size, device=weight.device, dtype=weight.dtype)
+    hidden = getattr(block, block.spec.router_attr).weight.shape[1]
+    weight = getattr(block, block.spec.experts_attr).down_proj
+    x = torch.randn(1, 8, hidden, device=weight.device, dtype=weight.dtype)
     was_training = hf_block.training
     hf_block.eval()
     block.eval()
@@ -98,11 +99,11 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
             continue
         try:
             spec = block_spec(module, config)
-            check_backend(spec, options, getattr(module, spec.experts_attr).gate_up_proj.dtype)
+            check_backend(spec, options, getattr(module, spec.experts_attr).down_proj.dtype)
             block = build_block(module, spec, options)
             if family not in NAMED_FAMILIES:
                 if type(module) not in verified:
-                    verified[type(module)] = _probe_reason(module, block)
+                    verified[type(module)] = _probe_reason(module, block, options)
                 if verified[type(module)]:
                     raise Unrecognized(verified[type(module)])
         except Unrecognized as why:
@@ -129,10 +130,13 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
     return model
 
 
-def _probe_reason(hf_block: nn.Module, block: MoEBlock) -> str | None:
-    weight = getattr(block, block.spec.experts_attr).gate_up_proj
+def _probe_reason(hf_block: nn.Module, block: MoEBlock, options: AutoMoEOptions) -> str | None:
+    """Why the block cannot be accelerated, or None. A block on the meta device (every distributed load builds
+    there) is checked on a CPU twin of the HF block with random tensors, built into automoe's block the same way."""
+    weight = getattr(block, block.spec.experts_attr).down_proj
     if weight.device.type == "meta":
-        return None
+        hf_block = cpu_twin(hf_block, torch.float32, seed=0)
+        block = build_block(hf_block, block.spec, options)
     try:
         verify_block(hf_block, block)
     except Unrecognized as why:

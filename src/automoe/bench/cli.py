@@ -23,7 +23,7 @@ import torch
 from . import nemo_column
 from .columns import COLUMNS, OPTIMIZERS, ColumnSpec, liger_available
 from .report import table, write
-from .workload import WORKLOADS, flops_per_token, make_config
+from .workload import WORKLOADS, flops_per_token, make_config, mamba_kernels
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -162,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "world_size": world,
         "workload": args.workload,
         "layers": config.num_hidden_layers,
+        "mamba_kernels": mamba_kernels(config),
         "router": args.router,
         "versions": versions(),
         "args": {k: v for k, v in vars(args).items() if not k.endswith("_list")},
@@ -179,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(table(result))
+        if result["mamba_kernels"]:
+            print(f"Mamba2 layers ran {result['mamba_kernels']}")
         for column, reason in skips.items():
             print(f"not run: {column} ({reason})")
         for col in result["columns"]:

@@ -28,8 +28,6 @@ from .collectives import ALL_TO_ALL_OPS
 from .dispatch import AllToAllDispatcher
 from .setup import DistributedSetup
 
-EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
-
 _aten = torch.ops.aten
 _ROUTING_OPS = frozenset({_aten.topk.default})
 _ATTENTION_OPS = frozenset(
@@ -59,7 +57,7 @@ def shard_experts(experts: nn.Module, setup: DistributedSetup) -> None:
     """Replace each expert tensor [E, ...] by a DTensor Shard(0) over `ep` holding this rank's E/ep experts."""
     ep_mesh = setup.ep_mesh
     rank = ep_mesh.get_local_rank()
-    for name in EXPERT_TENSORS:
+    for name in experts.spec.tensor_names:
         param = experts._parameters.get(name)
         if param is None:
             continue

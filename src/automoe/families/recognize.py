@@ -19,6 +19,7 @@ from ..moe.experts import gated_activation
 from ..moe.router import Router
 from ..moe.spec import BlockSpec, ExpertsSpec, RouterSpec
 from . import BLOCK_OVERRIDES
+from .activation import identify_activation
 
 
 class Unrecognized(Exception):
@@ -26,10 +27,12 @@ class Unrecognized(Exception):
 
 
 def find_experts(block: nn.Module) -> tuple[str, nn.Module] | None:
-    """The child holding fused 3D expert tensors, if the block has one."""
+    """The child holding fused 3D expert tensors (gate_up_proj, or up_proj without a gate), if the block has one."""
     for name, child in block.named_children():
-        gate_up = getattr(child, "gate_up_proj", None)
-        if isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3 and hasattr(child, "down_proj"):
+        first = getattr(child, "gate_up_proj", None)
+        if first is None:
+            first = getattr(child, "up_proj", None)
+        if isinstance(first, torch.Tensor) and first.dim() == 3 and hasattr(child, "down_proj"):
             return name, child
     return None
 
@@ -39,32 +42,41 @@ def experts_spec(experts: nn.Module) -> ExpertsSpec:
         raise Unrecognized(
             f"{type(experts).__name__} does not declare its layout through transformers' use_experts_implementation"
         )
-    if not getattr(experts, "has_gate", True):
-        raise Unrecognized(f"{type(experts).__name__} has no gate projection (plain up/down experts)")
     if getattr(experts, "has_post_expert_norm", False):
         raise Unrecognized(f"{type(experts).__name__} applies a norm after each expert")
-    num_experts = experts.gate_up_proj.shape[0]
-    if experts.is_transposed:
-        hidden, two_inter = experts.gate_up_proj.shape[1:]
-    else:
-        two_inter, hidden = experts.gate_up_proj.shape[1:]
+    has_gate = getattr(experts, "has_gate", True)
+    first = experts.gate_up_proj if has_gate else experts.up_proj
+    num_experts = first.shape[0]
+    hidden, width = first.shape[1:] if experts.is_transposed else reversed(first.shape[1:])
     spec = ExpertsSpec(
         num_experts=num_experts,
         hidden_size=hidden,
-        intermediate_size=two_inter // 2,
+        intermediate_size=width // 2 if has_gate else width,
+        has_gate=has_gate,
         interleaved=not experts.is_concatenated,
         transposed=experts.is_transposed,
         has_bias=experts.has_bias,
     )
-    if type(experts)._apply_gate is _default_apply_gate:
-        if not isinstance(getattr(experts, "act_fn", None), nn.Module):
+    act_fn = getattr(experts, "act_fn", None)
+    if not has_gate or type(experts)._apply_gate is _default_apply_gate:
+        if not isinstance(act_fn, nn.Module):
             raise Unrecognized(f"{type(experts).__name__} has no act_fn module")
-        return spec
+        return replace(spec, act_name=identify_activation(act_fn))
+    # a custom _apply_gate is matched by what it computes: act(gate) * up (e.g. in fp32, rounded once, as automoe
+    # computes it anyway) or GPT-OSS's clamped SwiGLU
+    candidates = []
+    if isinstance(act_fn, nn.Module):
+        candidates.append(replace(spec, act_name=identify_activation(act_fn)))
     if hasattr(experts, "alpha") and hasattr(experts, "limit"):
-        clamped = replace(spec, activation="clamped_swiglu", swiglu_alpha=experts.alpha, swiglu_limit=experts.limit)
-        probe = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)) * 10
-        if torch.allclose(experts._apply_gate(probe), gated_activation(probe, clamped, None), rtol=1e-5, atol=1e-6):
-            return clamped
+        candidates.append(
+            replace(spec, activation="clamped_swiglu", swiglu_alpha=experts.alpha, swiglu_limit=experts.limit)
+        )
+    probe = torch.randn(8, 2 * spec.intermediate_size, generator=torch.Generator().manual_seed(0), device="cpu") * 10
+    with torch.no_grad():
+        got = experts._apply_gate(probe)
+        for candidate in candidates:
+            if torch.allclose(got, gated_activation(probe, candidate, act_fn), rtol=1e-5, atol=1e-6):
+                return candidate
     raise Unrecognized(f"{type(experts).__name__} has a custom gate activation automoe does not know")
 
 
@@ -81,12 +93,14 @@ def _router_candidates(router: nn.Module, config, num_experts: int, top_k: int) 
                 score_func="sigmoid",
                 n_group=getattr(config, "n_group", None) or 1,
                 topk_group=getattr(config, "topk_group", None) or 1,
-                routed_scaling_factor=float(getattr(config, "routed_scaling_factor", None) or 1.0),
+                routed_scaling_factor=scale,
                 norm_topk_prob=norm,
                 renorm_eps=eps,
             )
             for norm in (True, False)
             for eps in (1e-20, 0.0)
+            # the factor in the router, or (1.0) applied by the block to the experts' sum (BlockSpec)
+            for scale in {float(getattr(config, "routed_scaling_factor", None) or 1.0), 1.0}
         ]
     else:
         families = [dict(score_func="softmax", norm_topk_prob=norm) for norm in (True, False)]
@@ -94,7 +108,7 @@ def _router_candidates(router: nn.Module, config, num_experts: int, top_k: int) 
     return [RouterSpec(**base, **fam, **flags) for fam in families for flags in dtype_flags]
 
 
-def _cpu_twin(module: nn.Module, dtype: torch.dtype, seed: int) -> nn.Module:
+def cpu_twin(module: nn.Module, dtype: torch.dtype, seed: int) -> nn.Module:
     """A CPU copy of a small module with fresh random tensors (works for meta-device modules too)."""
     twin = copy.deepcopy(module).to_empty(device="cpu").to(dtype)
     gen = torch.Generator().manual_seed(seed)
@@ -125,7 +139,7 @@ def router_spec(router: nn.Module, config, num_experts: int) -> RouterSpec:
         raise Unrecognized(f"cannot tell top-k of router {type(router).__name__}")
     candidates = _router_candidates(router, config, num_experts, top_k)
     for dtype, seed in ((torch.float32, 0), (torch.bfloat16, 1)):
-        twin = _cpu_twin(router, dtype, seed)
+        twin = cpu_twin(router, dtype, seed)
         x = torch.randn(32, weight.shape[1], generator=torch.Generator().manual_seed(seed + 7), device="cpu").to(dtype)
         try:
             with torch.no_grad():
@@ -172,14 +186,18 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
     exp = experts_spec(experts)
     if list(block.named_parameters(recurse=False)) or list(block.named_buffers(recurse=False)):
         raise Unrecognized(f"{type(block).__name__} holds tensors of its own outside router and experts")
-    router_attr = shared_attr = shared_gate_attr = None
+    router_attr = shared_attr = shared_gate_attr = latent_in_attr = latent_out_attr = None
     for name, child in block.named_children():
-        if name == experts_attr:
-            continue
+        if name == experts_attr or not list(child.parameters()) + list(child.buffers()):
+            continue  # parameter-free children (HF's nn.Identity stand-ins) are kept and not called
         weight = getattr(child, "weight", None)
         if isinstance(child, nn.Linear) and child.out_features == 1 and "shared" in name:
             shared_gate_attr = name
-        elif isinstance(weight, torch.Tensor) and tuple(weight.shape) == (exp.num_experts, exp.hidden_size):
+        elif isinstance(child, nn.Linear) and "latent" in name and child.out_features == exp.hidden_size:
+            latent_in_attr = name
+        elif isinstance(child, nn.Linear) and "latent" in name and child.in_features == exp.hidden_size:
+            latent_out_attr = name
+        elif isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[0] == exp.num_experts:
             router_attr = name
         elif "shared" in name and shared_attr is None:
             shared_attr = name
@@ -191,6 +209,8 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
         raise Unrecognized(f"{type(block).__name__} has no router with a [{exp.num_experts}, hidden] weight")
     if shared_gate_attr and not shared_attr:
         raise Unrecognized(f"{type(block).__name__} has a shared-expert gate but no shared expert")
+    if (latent_in_attr is None) != (latent_out_attr is None):
+        raise Unrecognized(f"{type(block).__name__} projects into the experts' latent width but not back")
     spec = BlockSpec(
         router=router_spec(getattr(block, router_attr), config, exp.num_experts),
         experts=exp,
@@ -198,6 +218,11 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
         experts_attr=experts_attr,
         shared_attr=shared_attr,
         shared_gate_attr=shared_gate_attr,
+        latent_in_attr=latent_in_attr,
+        latent_out_attr=latent_out_attr,
         jitter_noise=float(getattr(block, "jitter_noise", 0.0) or 0.0),
     )
+    block_scale = getattr(block, "routed_scaling_factor", None)
+    if isinstance(block_scale, float | int) and spec.router.routed_scaling_factor == 1.0:
+        spec = replace(spec, routed_output_scale=float(block_scale))
     return replace(spec, **BLOCK_OVERRIDES.get(config.model_type, {}))

@@ -133,7 +133,7 @@ def routed_experts(
 ) -> torch.Tensor:
     """The fused path of an Experts module: [N, H] tokens and their rows -> [N, H] weighted sums of experts;
     `lora`: (gate/up, down) factors of peft's adapters (moe.lora), None where a projection has none."""
-    tensors = [experts.local_tensor(n) for n in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")]
+    tensors = [experts.local_tensor(n) for n in experts.spec.tensor_names]
     factors = [t for pair in lora for t in (pair or (None, None))]
     return RoutedExperts.apply(tokens, rows.token_of_row, rows.offsets, rows.weights, rows.token_rows,
                                rows.token_ptr, *tensors, *factors, experts.spec, experts.act_fn, mode)

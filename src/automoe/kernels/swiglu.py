@@ -2,10 +2,12 @@
 
 Folding the top-k weight in before the down projection (w * (a @ W2) == (w * a) @ W2) lets combine be a plain
 sum and lets the backward get d(weight) from tensors it already has, so the expert output [T*k, H] is never
-kept for it. The Triton kernels cover SwiGLU with SiLU (Qwen3, Mixtral, OLMoE, DeepSeek, ...) and GPT-OSS's
-clamped SwiGLU, on [gate; up] or interleaved gate/up, and add the gate/up bias of each row's expert on the fly
-(so the saved gate/up output stays bias-free and no biased copy is made). Other activation functions take the
-torch reference, which recomputes through autograd.
+kept for it. The Triton kernels cover act(gate) * up for every act in ACT_NAMES (SiLU for Qwen3, Mixtral, OLMoE,
+DeepSeek, ...; the GELUs, ReLU and ReLU^2) and GPT-OSS's clamped SwiGLU, on [gate; up] or interleaved gate/up,
+and add the gate/up bias of each row's expert on the fly (so the saved gate/up output stays bias-free and no
+biased copy is made); experts without a gate (NemotronH) get act(up) the same way. An act_fn recognition could
+not name (spec.act_name None) takes the torch reference, which calls the model's own act_fn and recomputes
+through autograd.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from ..moe.experts import gated_activation
-from ..moe.spec import ExpertsSpec
+from ..moe.spec import ACT_NAMES, ExpertsSpec
 from .select import triton_available, use_triton
 
 if triton_available():
@@ -40,7 +42,40 @@ if triton_available():
         return g, u, gate_col, up_col
 
     @triton.jit
-    def _gated(g, u, alpha, limit, CLAMPED: tl.constexpr):
+    def _load_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, HAS_BIAS: tl.constexpr):
+        """fp32 up projection (+ this row's expert bias) of experts without a gate, at columns `col`."""
+        u = tl.load(h_ptr + row * inter + col, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            u += tl.load(bias_ptr + tl.load(expert_ptr + row).to(tl.int64) * inter + col, mask=mask,
+                         other=0.0).to(tl.float32)
+        return u
+
+    @triton.jit
+    def _act(g, ACT: tl.constexpr):
+        """(act(g), act'(g)) for ACT, the index of the function in ACT_NAMES."""
+        if ACT == 0:  # silu
+            sig = tl.sigmoid(g)
+            f, df = g * sig, sig * (1.0 + g * (1.0 - sig))
+        elif ACT == 1:  # gelu (erf)
+            cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+            f, df = g * cdf, cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+        elif ACT == 2:  # gelu, tanh approximation; tanh(z) = 2 sigmoid(2z) - 1
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+            d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+            f, df = 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner
+        elif ACT == 3:  # quick_gelu
+            sig = tl.sigmoid(1.702 * g)
+            f, df = g * sig, sig + 1.702 * g * sig * (1.0 - sig)
+        elif ACT == 4:  # relu
+            f, df = tl.maximum(g, 0.0), tl.where(g > 0.0, 1.0, 0.0)
+        else:  # relu2
+            r = tl.maximum(g, 0.0)
+            f, df = r * r, 2.0 * r
+        return f, df
+
+    @triton.jit
+    def _gated(g, u, alpha, limit, CLAMPED: tl.constexpr, ACT: tl.constexpr):
         """(a, da/dgate, da/dup). Clamped (GPT-OSS): a = (clamp(u, -l, l) + 1) * g' * sigmoid(alpha * g') with
         g' = min(g, l); a clamped input gets zero gradient, and a value on the limit keeps it, as torch's clamp."""
         if CLAMPED:
@@ -52,51 +87,61 @@ if triton_available():
             da_dg = tl.where(g <= limit, (uc + 1.0) * (sig + alpha * glu * (1.0 - sig)), 0.0)
             da_du = tl.where((u >= -limit) & (u <= limit), glu, 0.0)
         else:
-            sig = tl.sigmoid(g)
-            silu = g * sig
-            a = silu * u
-            da_dg = u * sig * (1.0 + g * (1.0 - sig))
-            da_du = silu
+            act, d_act = _act(g, ACT)
+            a = act * u
+            da_dg = u * d_act
+            da_du = act
         return a, da_dg, da_du
 
     @triton.jit
     def _weighted_act_fwd_kernel(h_ptr, w_ptr, bias_ptr, expert_ptr, a_ptr, inter, alpha, limit,
-                                 INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                 BLOCK: tl.constexpr):
+                                 INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr, ACT: tl.constexpr,
+                                 GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         w = tl.load(w_ptr + row).to(tl.float32)
         for start in range(0, inter, BLOCK):
             col = start + tl.arange(0, BLOCK)
             mask = col < inter
-            g, u, _, _ = _load_gate_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED, HAS_BIAS)
-            a, _, _ = _gated(g, u, alpha, limit, CLAMPED)
+            if GATED:
+                g, u, _, _ = _load_gate_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED,
+                                           HAS_BIAS)
+                a, _, _ = _gated(g, u, alpha, limit, CLAMPED, ACT)
+            else:
+                a, _ = _act(_load_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, HAS_BIAS), ACT)
             tl.store(a_ptr + row * inter + col, (a * w).to(a_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _weighted_act_bwd_kernel(da_ptr, h_ptr, w_ptr, bias_ptr, expert_ptr, dh_ptr, dw_ptr, a_ptr, inter,
                                  alpha, limit, INTERLEAVED: tl.constexpr, CLAMPED: tl.constexpr,
-                                 HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                 BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         w = tl.load(w_ptr + row).to(tl.float32)
         dw = tl.zeros((BLOCK,), dtype=tl.float32)
         for start in range(0, inter, BLOCK):
             col = start + tl.arange(0, BLOCK)
             mask = col < inter
-            g, u, gate_col, up_col = _load_gate_up(
-                h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED, HAS_BIAS
-            )
             da = tl.load(da_ptr + row * inter + col, mask=mask, other=0.0).to(tl.float32)
-            a, da_dg, da_du = _gated(g, u, alpha, limit, CLAMPED)
+            if GATED:
+                g, u, gate_col, up_col = _load_gate_up(
+                    h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, INTERLEAVED, HAS_BIAS
+                )
+                a, da_dg, da_du = _gated(g, u, alpha, limit, CLAMPED, ACT)
+                dh_row = dh_ptr + row * 2 * inter
+                tl.store(dh_row + gate_col, (da * w * da_dg).to(dh_ptr.dtype.element_ty), mask=mask)
+                tl.store(dh_row + up_col, (da * w * da_du).to(dh_ptr.dtype.element_ty), mask=mask)
+            else:
+                a, da_du = _act(_load_up(h_ptr, bias_ptr, expert_ptr, row, inter, col, mask, HAS_BIAS), ACT)
+                tl.store(dh_ptr + row * inter + col, (da * w * da_du).to(dh_ptr.dtype.element_ty), mask=mask)
             dw += da * a
-            dh_row = dh_ptr + row * 2 * inter
-            tl.store(dh_row + gate_col, (da * w * da_dg).to(dh_ptr.dtype.element_ty), mask=mask)
-            tl.store(dh_row + up_col, (da * w * da_du).to(dh_ptr.dtype.element_ty), mask=mask)
             tl.store(a_ptr + row * inter + col, (a * w).to(a_ptr.dtype.element_ty), mask=mask)
         tl.store(dw_ptr + row, tl.sum(dw, axis=0))
 
 
 def triton_covers(spec: ExpertsSpec) -> bool:
-    return spec.activation == "clamped_swiglu" or (spec.activation == "swiglu" and spec.act_name == "silu")
+    """The kernels compute exactly the clamped SwiGLU, act(gate) * up and act(up) (no gate) for a named act;
+    nothing else."""
+    return spec.activation == "clamped_swiglu" or spec.act_name is not None
 
 
 GateUpBias = tuple[torch.Tensor, torch.Tensor]  # (gate/up bias [E, 2I], the expert of each row [S])
@@ -122,7 +167,7 @@ def weighted_activation(
     """The forward: a [S, I] from h [S, 2I] (bias-free; `bias` is added on the fly) and weights [S]."""
     if not (triton_covers(spec) and use_triton(mode, h)):
         return weighted_activation_reference(h, weights, spec, act_fn, bias)
-    rows, inter = h.shape[0], h.shape[1] // 2
+    rows, inter = h.shape[0], h.shape[1] // (2 if spec.has_gate else 1)
     out = torch.empty(rows, inter, device=h.device, dtype=h.dtype)
     if rows:
         _weighted_act_fwd_kernel[(rows,)](
@@ -144,7 +189,7 @@ def weighted_activation_backward(
             out = gated_activation(_biased(h_, bias), spec, act_fn) * w_[:, None]
             dh, dw = torch.autograd.grad(out, (h_, w_), grad.float())
         return dh.to(h.dtype), dw, out.detach().to(h.dtype)
-    rows, inter = h.shape[0], h.shape[1] // 2
+    rows, inter = h.shape[0], h.shape[1] // (2 if spec.has_gate else 1)
     dh = torch.empty_like(h)
     dw = torch.empty(rows, device=h.device, dtype=torch.float32)
     act = torch.empty(rows, inter, device=h.device, dtype=h.dtype)
@@ -162,6 +207,7 @@ def _kernel_args(spec: ExpertsSpec, bias: GateUpBias | None, inter: int) -> dict
     bias_ptr, expert_ptr = (None, None) if bias is None else (bias[0].contiguous(), bias[1].contiguous())
     return dict(
         bias_ptr=bias_ptr, expert_ptr=expert_ptr, alpha=float(spec.swiglu_alpha), limit=float(spec.swiglu_limit),
-        INTERLEAVED=spec.interleaved, CLAMPED=spec.activation == "clamped_swiglu", HAS_BIAS=bias is not None,
+        INTERLEAVED=spec.interleaved, CLAMPED=spec.activation == "clamped_swiglu",
+        ACT=ACT_NAMES.index(spec.act_name) if spec.act_name else 0, GATED=spec.has_gate, HAS_BIAS=bias is not None,
         BLOCK=min(1024, triton.next_power_of_2(inter)),
     )

@@ -14,7 +14,8 @@ from .spec import BlockSpec
 
 class MoEBlock(nn.Module):
     """Keeps the HF block's child names (spec.router_attr, spec.experts_attr, spec.shared_attr,
-    spec.shared_gate_attr) so every parameter keeps its HF key. `dispatcher` is a plain attribute that
+    spec.shared_gate_attr, the latent projections and any parameter-free child, e.g. HF's nn.Identity stand-ins)
+    so every parameter keeps its HF key. `dispatcher` is a plain attribute that
     expert parallelism swaps for its all-to-all version; the experts module is the same under every dispatcher."""
 
     def __init__(
@@ -24,6 +25,7 @@ class MoEBlock(nn.Module):
         experts: nn.Module,
         shared: nn.Module | None = None,
         shared_gate: nn.Module | None = None,
+        others: dict[str, nn.Module] | None = None,
     ) -> None:
         nn.Module.__init__(self)
         self.spec = spec
@@ -33,6 +35,8 @@ class MoEBlock(nn.Module):
             self.add_module(spec.shared_attr, shared)
         if spec.shared_gate_attr:
             self.add_module(spec.shared_gate_attr, shared_gate)
+        for name, module in (others or {}).items():
+            self.add_module(name, module)
         self.dispatcher = LocalDispatcher(spec.experts.num_experts)
 
     def _shared_experts(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,11 +53,16 @@ class MoEBlock(nn.Module):
             x = x * noise
         _, topk_weights, topk_ids = getattr(self, self.spec.router_attr)(x)
         side = (lambda: self._shared_experts(x)) if self.spec.shared_attr else None
+        tokens = getattr(self, self.spec.latent_in_attr)(x) if self.spec.latent_in_attr else x
         experts, adapters = split_param_wrappers(getattr(self, self.spec.experts_attr))
         if adapters:  # peft's LoRA on the expert tensors: computed inside the experts, on the routed rows
             experts = functools.partial(experts, adapters=adapters)
-        out, shared = self.dispatcher(x, topk_ids, topk_weights, experts, side)
+        out, shared = self.dispatcher(tokens, topk_ids, topk_weights, experts, side)
         out = out.to(x.dtype)
+        if self.spec.latent_out_attr:
+            out = getattr(self, self.spec.latent_out_attr)(out)
+        if self.spec.routed_output_scale != 1.0:
+            out = out * self.spec.routed_output_scale
         if shared is not None:
             out = out + shared
         out = out.view(shape)

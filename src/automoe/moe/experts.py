@@ -30,7 +30,10 @@ def weight_in_out(weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
 
 
 def gated_activation(gate_up: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module) -> torch.Tensor:
-    """[S, 2I] -> [S, I]: act(gate) * up, or GPT-OSS's clamped variant with (up + 1)."""
+    """[S, 2I] -> [S, I]: act(gate) * up, or GPT-OSS's clamped variant with (up + 1); [S, I] -> act(up) for
+    experts without a gate."""
+    if not spec.has_gate:
+        return act_fn(gate_up)
     if spec.interleaved:
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]
     else:
@@ -57,7 +60,8 @@ class _ScaleGrad(torch.autograd.Function):
 
 class Experts(nn.Module):
     """Holds HF's fused expert tensors under HF's names: gate_up_proj [E, 2I, H] and down_proj [E, H, I]
-    ([E, H, 2I] and [E, I, H] when `spec.transposed`), plus gate_up_proj_bias / down_proj_bias."""
+    ([E, H, 2I] and [E, I, H] when `spec.transposed`), plus gate_up_proj_bias / down_proj_bias; up_proj [E, I, H]
+    in place of gate_up_proj for experts without a gate (spec.tensor_names)."""
 
     # (experts, tokens, rows) -> [N, H]: the fused path, set by automoe.kernels.apply_kernels
     fused_forward: Callable[..., torch.Tensor] | None = None
@@ -92,9 +96,9 @@ class Experts(nn.Module):
         lora = self._lora_factors(adapters) if adapters else (None, None)
         if self.fused_forward is not None:
             return self.fused_forward(self, tokens, rows, lora=lora)
-        w1 = weight_in_out(self.local_tensor("gate_up_proj"), self.spec)
-        w2 = weight_in_out(self.local_tensor("down_proj"), self.spec)
-        b1, b2 = self.local_tensor("gate_up_proj_bias"), self.local_tensor("down_proj_bias")
+        first, down, first_bias, down_bias = self.spec.tensor_names
+        w1, w2 = weight_in_out(self.local_tensor(first), self.spec), weight_in_out(self.local_tensor(down), self.spec)
+        b1, b2 = self.local_tensor(first_bias), self.local_tensor(down_bias)
         xs = tokens[rows.token_of_row].to(w1.dtype)
         if self.backend == "grouped_mm":
             out = self._grouped(xs, rows, w1, w2, b1, b2, lora)
@@ -107,12 +111,13 @@ class Experts(nn.Module):
     def _lora_factors(self, adapters: dict[str, nn.Module]) -> tuple:
         from .lora import adapter_factors
 
-        if isinstance(self._parameters["gate_up_proj"], DTensor):
+        first = self._parameters[self.spec.tensor_names[0]]
+        if isinstance(first, DTensor):
             raise NotImplementedError(
                 "automoe: LoRA on the experts under expert parallelism (ep_size > 1) is not supported yet; train "
                 "with ep_size 1, or target attention/shared experts only (drop target_parameters)."
             )
-        return adapter_factors(adapters, self.spec, self.gate_up_proj.dtype)
+        return adapter_factors(adapters, self.spec, first.dtype)
 
     def _grouped(self, xs, rows, w1, w2, b1, b2, lora) -> torch.Tensor:
         (a1, f1), (a2, f2) = (pair or (None, None) for pair in lora)

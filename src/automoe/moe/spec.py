@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")
 ACTIVATIONS = ("swiglu", "clamped_swiglu")
+# the expert activation functions automoe's kernels compute exactly (recognition names the model's act_fn by
+# probing it against each; an act_fn that matches none keeps act_name None and runs the torch path)
+ACT_NAMES = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "relu2")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class RouterSpec:
 class ExpertsSpec:
     """The expert MLP: SwiGLU-style gate/up, down, and how the fused tensors are laid out.
 
+    act_name: which of ACT_NAMES the model's act_fn computes; None when it is none of them (then every path
+        calls the act_fn module itself). Never assumed: recognition sets it by probing the act_fn.
+    has_gate: False for plain up/down experts (NemotronH: act(x @ up) @ down, tensors up_proj / down_proj).
     interleaved: gate and up alternate along the 2I axis (GPT-OSS) instead of [gate; up].
     transposed: weights stored [E, in, out] (GPT-OSS) instead of HF's usual [E, out, in].
     """
@@ -51,16 +57,27 @@ class ExpertsSpec:
     hidden_size: int
     intermediate_size: int
     activation: str = "swiglu"
-    act_name: str = "silu"
+    act_name: str | None = None
+    has_gate: bool = True
     interleaved: bool = False
     transposed: bool = False
     has_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
 
+    @property
+    def tensor_names(self) -> tuple[str, str, str, str]:
+        """HF's names of (first projection, down projection, their biases)."""
+        first = "gate_up_proj" if self.has_gate else "up_proj"
+        return first, "down_proj", f"{first}_bias", "down_proj_bias"
+
     def __post_init__(self) -> None:
+        if not self.has_gate and self.activation != "swiglu":
+            raise ValueError(f"experts without a gate have no {self.activation!r} activation")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown experts activation {self.activation!r}; known: {ACTIVATIONS}")
+        if self.act_name is not None and self.act_name not in ACT_NAMES:
+            raise ValueError(f"unknown expert act_name {self.act_name!r}; known: {ACT_NAMES} or None")
 
 
 @dataclass(frozen=True)
@@ -73,5 +90,10 @@ class BlockSpec:
     experts_attr: str = "experts"
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
+    # a block that scales the experts' weighted sum itself (Beam) rather than in its router
+    routed_output_scale: float = 1.0
+    # LatentMoE (Nemotron 3 Super/Ultra): Linear projections into the experts' width before dispatch and back after
+    latent_in_attr: str | None = None
+    latent_out_attr: str | None = None
     returns_router_scores: bool = False
     jitter_noise: float = 0.0

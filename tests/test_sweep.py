@@ -1,0 +1,91 @@
+"""Every `@use_experts_implementation` model type of the installed transformers, built from a tiny config and
+loaded through AutoMoEForCausalLM: accelerated with HF parity, or refused with the reason; never wrong."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from experts_sweep import experts_model_types, has_causal_lm, tiny_config
+from transformers import AutoModelForCausalLM
+
+from automoe import AutoMoEForCausalLM
+from automoe.moe.block import MoEBlock
+from automoe.optimize import AutoMoEWarning
+
+MIN_ACCELERATED = 0.9
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _build(model_type: str):
+    config = tiny_config(model_type)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(config, experts_implementation="eager", dtype=torch.float32)
+    ids = torch.randint(3, config.get_text_config().vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref.train()(input_ids=ids[:1, :4], labels=ids[:1, :4])  # one tiny forward: the model runs at all
+    return config, ref, ids
+
+
+def sweep_one(model_type: str) -> tuple[str, str]:
+    """('accelerated', blocks) when automoe took it and matches HF, ('refused', why) when it stayed HF, and
+    ('WRONG', what differs) when an accelerated model does not match."""
+    config, ref, ids = _build(model_type)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AutoMoEWarning)
+        ours = AutoMoEForCausalLM.from_config(config, dtype=torch.float32)
+    why = "; ".join(str(w.message) for w in caught if issubclass(w.category, AutoMoEWarning))
+    blocks = sum(isinstance(m, MoEBlock) for m in ours.modules())
+    if not blocks:
+        return "refused", why or "no warning"
+    ours.load_state_dict(ref.state_dict())
+    ours.train()
+    out_ref, out = ref(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    problems = [f"{name} {_rel(a, b):.1e}" for name, a, b in
+                (("loss", out.loss, out_ref.loss), ("logits", out.logits, out_ref.logits)) if not _rel(a, b) < 1e-4]
+    out_ref.loss.backward()
+    out.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        ref_grad = ref_params[name].grad
+        if ref_grad is None or not ref_grad.abs().max() > 0:
+            if param.grad is not None and param.grad.abs().max() > 0:
+                problems.append(f"{name} has a gradient HF does not")
+        elif param.grad is None:
+            problems.append(f"grad {name} missing")
+        elif not _rel(param.grad, ref_grad) < 1e-3:
+            problems.append(f"grad {name} {_rel(param.grad, ref_grad):.1e}")
+    if problems:
+        return "WRONG", ", ".join(problems[:4])
+    return "accelerated", f"{blocks} block(s)" + (f" (partly refused: {why})" if why else "")
+
+
+@pytest.fixture(scope="module")
+def table() -> dict[str, tuple[str, str]]:
+    torch.set_num_threads(1)
+    rows = {}
+    print("\nmodel type           | result      | why")
+    for model_type in filter(has_causal_lm, experts_model_types()):
+        try:
+            _build(model_type)
+        except Exception as err:  # a tiny config the generic shrinking cannot build is out of the sweep
+            rows[model_type] = ("no tiny config", f"{type(err).__name__}: {str(err).splitlines()[0][:80]}")
+        else:
+            rows[model_type] = sweep_one(model_type)
+        print(f"{model_type:20s} | {rows[model_type][0]:11s} | {rows[model_type][1]}", flush=True)
+    return rows
+
+
+def test_no_model_type_is_accelerated_wrongly(table):
+    wrong = {t: why for t, (result, why) in table.items() if result == "WRONG"}
+    assert not wrong, wrong
+
+
+def test_most_model_types_are_accelerated(table):
+    built = [t for t, (result, _) in table.items() if result != "no tiny config"]
+    accelerated = [t for t in built if table[t][0] == "accelerated"]
+    assert len(built) >= 30, "the sweep builds too few tiny configs to mean anything"
+    assert len(accelerated) >= MIN_ACCELERATED * len(built), {t: table[t] for t in built if t not in accelerated}
