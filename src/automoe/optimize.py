@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -45,18 +46,23 @@ def build_block(hf_block: nn.Module, spec: BlockSpec, options: AutoMoEOptions) -
     return block
 
 
-def check_backend(spec: BlockSpec, options: AutoMoEOptions, dtype: torch.dtype) -> None:
-    """grouped_mm needs every row of the expert matrices on a 16-byte boundary."""
+def check_backend(spec: BlockSpec, options: AutoMoEOptions, dtype: torch.dtype) -> AutoMoEOptions:
+    """The options to build with: grouped_mm needs every row of the expert matrices on a 16-byte boundary, so for
+    another shape the experts run the per-expert loop instead (correct, slower), said once in a warning."""
     if options.experts_backend != "grouped_mm":
-        return
+        return options
     itemsize = torch.empty((), dtype=dtype).element_size()
     for dim in (spec.experts.hidden_size, spec.experts.intermediate_size):
         if (dim * itemsize) % 16:
-            raise ValueError(
-                f"experts_backend='grouped_mm' needs hidden and expert intermediate sizes whose rows are multiples "
-                f"of 16 bytes; this model has {dim} x {itemsize} bytes. Pass "
-                "automoe_options={'experts_backend': 'per_expert'} for this shape."
+            warnings.warn(
+                f"automoe: experts_backend='grouped_mm' needs hidden and expert intermediate sizes whose rows are "
+                f"multiples of 16 bytes; this model has {dim} x {itemsize} bytes, so its experts run "
+                "experts_backend='per_expert' (a loop over experts: correct, slower, no fused experts kernel).",
+                AutoMoEWarning,
+                stacklevel=4,
             )
+            return replace(options, experts_backend="per_expert")
+    return options
 
 
 def verify_block(hf_block: nn.Module, block: MoEBlock) -> None:
@@ -98,7 +104,7 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
             continue
         try:
             spec = block_spec(module, config)
-            check_backend(spec, options, getattr(module, spec.experts_attr).gate_up_proj.dtype)
+            options = check_backend(spec, options, getattr(module, spec.experts_attr).gate_up_proj.dtype)
             block = build_block(module, spec, options)
             if family not in NAMED_FAMILIES:
                 if type(module) not in verified:
