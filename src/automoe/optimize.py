@@ -131,7 +131,8 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
             AutoMoEWarning,
             stacklevel=3,
         )
-    apply_kernels(model, options)
+    if replaced:  # a model automoe does not accelerate stays plain transformers, kernels and attention included
+        apply_kernels(model, options)
     return model
 
 
