@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import replace
 
 import torch
 from torch import nn
 
+from .describe import summary
 from .families import NAMED_FAMILIES
 from .families.recognize import Unrecognized, block_spec, build_router, find_experts
 from .kernels import apply_kernels
@@ -16,6 +18,8 @@ from .moe.block import MoEBlock
 from .moe.experts import Experts
 from .moe.spec import BlockSpec
 from .options import AutoMoEOptions
+
+logger = logging.getLogger("automoe")
 
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -133,6 +137,7 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
         )
     if replaced:  # a model automoe does not accelerate stays plain transformers, kernels and attention included
         apply_kernels(model, options)
+        logger.info(summary(model))
     return model
 
 

@@ -145,7 +145,7 @@ def computes_rms_norm(module: nn.Module) -> bool:
 
 def patch_rms_norms(model: nn.Module, mode: str) -> int:
     """Give every verified RMSNorm instance the fused forward (its class gets a subclass; isinstance holds)."""
-    return _SWAP.apply(model, mode)
+    return SWAP.apply(model, mode)
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -159,4 +159,4 @@ def _fused_forward(cls: type):
     return forward
 
 
-_SWAP = ForwardSwap(__name__, _is_rms_norm, _fused_forward)
+SWAP = ForwardSwap(__name__, _is_rms_norm, _fused_forward)

@@ -34,13 +34,17 @@ class ForwardSwap:
             self.subclasses[cls] = type(cls.__name__, (cls,), attrs)
         return self.subclasses[cls]
 
+    def owns(self, module: nn.Module) -> bool:
+        """`module`'s class is one this swap made."""
+        return type(module) in self.subclasses.values()
+
     def apply(self, model: nn.Module, mode: str) -> int:
         """Swap every accepted module of `model` and set its `automoe_kernels = mode`; returns how many."""
         verdicts: dict[type, bool] = {}
         count = 0
         for module in model.modules():
             cls = type(module)
-            if cls in self.subclasses.values():
+            if self.owns(module):
                 continue
             if cls not in verdicts:
                 verdicts[cls] = self.accepts(module)
