@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .columns import COLUMNS, OPTIMIZERS, ColumnSpec, liger_available
+from .columns import COLUMNS, DEFAULT_COLUMNS, OPTIMIZERS, ColumnSpec, liger_available
 from .report import table, write
 from .workload import WORKLOADS, flops_per_token, make_config
 
@@ -35,7 +35,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones (default: 3)")
     p.add_argument("--router", default="model", choices=["model", "balanced"],
                    help="automoe's router: the model's own, or forced balanced (labelled in the output)")
-    p.add_argument("--columns", default=",".join(COLUMNS), help=f"comma-separated subset of {', '.join(COLUMNS)}")
+    p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
+                   help=f"comma-separated, from {', '.join(COLUMNS)} (default: {','.join(DEFAULT_COLUMNS)})")
     p.add_argument("--max-seq", type=int, default=0,
                    help="sequence sweep at batch 1: double --seq up to this until a column runs out of memory")
     p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch", "off"],
@@ -124,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     columns.sort(key=lambda c: c == "v5+liger")  # Liger patches classes: always last
     skipped = sorted(set(args.column_list) - set(columns))
     specs = [ColumnSpec(c, router=args.router, kernels=args.kernels, optimizer=o)
-             for c in columns for o in (args.optimizer_list if c == "automoe" else ["torch"])]
+             for c in columns for o in (args.optimizer_list if c.startswith("automoe") else ["torch"])]
     # first automoe variant, then the peers (Liger last), then other automoe variants: a run cut short keeps
     # the main comparison
-    specs.sort(key=lambda s: (s.name == "automoe" and s.optimizer != args.optimizer_list[0], s.name == "v5+liger"))
+    specs.sort(key=lambda s: (s.automoe and s.optimizer != args.optimizer_list[0], s.name == "v5+liger"))
     run = run_in_process if in_process else run_subprocess
     config = make_config(args.workload, args.layers)
     rank = int(os.environ.get("RANK", "0"))

@@ -59,25 +59,29 @@ def table(result: dict) -> str:
 
 
 def ratios(result: dict) -> list[str]:
-    """Each automoe column against each peer, at the main seq and at every sweep seq both trained."""
-    ours = [c for c in result["columns"] if c["column"] == "automoe"]
-    peers = [c for c in result["columns"] if c["column"] != "automoe"]
+    """Each automoe column against each peer, and each compiled automoe column against the eager ones, at the main
+    seq and at every sweep seq both trained."""
+    cols = result["columns"]
+    ours = [c for c in cols if c["column"].startswith("automoe")]
+    peers = [c for c in cols if not c["column"].startswith("automoe")]
+    eager = [c for c in cols if c["column"] == "automoe"]
+    pairs = [(m, p) for m in ours for p in peers] + [(m, e) for m in ours if m["column"] == "automoe+compile"
+                                                      for e in eager]
     lines = []
-    for mine in ours:
-        for peer in peers:
-            a, b = main_run(mine), main_run(peer)
-            if a is None or b is None:
-                continue
-            line = (f"{mine['label']} / {peer['label']}: step TPS x{a['step_tps'] / b['step_tps']:.2f}, "
-                    f"fwd+bwd TPS x{a['fwd_bwd_tps'] / b['fwd_bwd_tps']:.2f}")
-            if "peak_gib" in a and "peak_gib" in b:
-                line += f", peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB"
-            both = {r["seq"]: r for r in peer["runs"] if r["batch"] == 1 and not r.get("oom")}
-            sweep = [(r["seq"], r["step_tps"] / both[r["seq"]]["step_tps"]) for r in mine["runs"]
-                     if r["batch"] == 1 and not r.get("oom") and r["seq"] in both and r is not a]
-            if sweep:
-                line += "; sweep " + ", ".join(f"{s}: x{x:.2f}" for s, x in sweep)
-            lines.append(line)
+    for mine, peer in pairs:
+        a, b = main_run(mine), main_run(peer)
+        if a is None or b is None:
+            continue
+        line = (f"{mine['label']} / {peer['label']}: step TPS x{a['step_tps'] / b['step_tps']:.2f}, "
+                f"fwd+bwd TPS x{a['fwd_bwd_tps'] / b['fwd_bwd_tps']:.2f}")
+        if "peak_gib" in a and "peak_gib" in b:
+            line += f", peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB"
+        both = {r["seq"]: r for r in peer["runs"] if r["batch"] == 1 and not r.get("oom")}
+        sweep = [(r["seq"], r["step_tps"] / both[r["seq"]]["step_tps"]) for r in mine["runs"]
+                 if r["batch"] == 1 and not r.get("oom") and r["seq"] in both and r is not a]
+        if sweep:
+            line += "; sweep " + ", ".join(f"{s}: x{x:.2f}" for s, x in sweep)
+        lines.append(line)
     return lines
 
 
