@@ -41,7 +41,7 @@ def test_sigmoid_router_and_forced_paths_are_named():
 
 def test_per_expert_and_unrecognised_blocks_are_named():
     model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"experts_backend": "per_expert"})
-    assert paths(model)["moe block"] == ["automoe experts (per_expert), torch dispatch/combine "
+    assert paths(model)["moe block"] == ["automoe experts (per_expert), composed autograd "
                                          "(experts_backend='per_expert')"]
     phimoe = AutoMoEForCausalLM.from_config(make_config("phimoe"))
     block = paths(phimoe)["moe block"]

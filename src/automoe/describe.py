@@ -48,20 +48,17 @@ def _moe_rows(model: nn.Module, config) -> list[Row]:
     for module in model.modules():
         if isinstance(module, MoEBlock):
             experts = getattr(module, module.spec.experts_attr)
-            local = type(module.dispatcher) is LocalDispatcher
-            if module.fused_routed is not None and local:
-                path = kernel_path(module.fused_routed.keywords["mode"], experts.gate_up_proj)
+            where = "" if type(module.dispatcher) is LocalDispatcher else f" behind {type(module.dispatcher).__name__}"
+            if experts.fused_forward is not None:
+                path = kernel_path(experts.fused_forward.keywords["mode"], experts.gate_up_proj)
                 if path.path == "fused Triton" and not swiglu.triton_covers(module.spec.experts):
                     path = Row("", "grouped_mm + torch activation",
                                f"no Triton kernel for the {module.spec.experts.act_name} activation")
-                rows.append(Row("moe block", f"automoe routed experts (grouped_mm), activation + combine: {path.path}",
-                                path.why))
-            elif not local:
-                rows.append(Row("moe block", f"automoe experts ({experts.backend}) behind "
-                                f"{type(module.dispatcher).__name__}", "expert parallel"))
+                rows.append(Row("moe block", f"automoe routed experts (grouped_mm{where}), activation + combine: "
+                                f"{path.path}", path.why))
             else:
                 why = "experts_backend='per_expert'" if experts.backend == "per_expert" else "kernels='off'"
-                rows.append(Row("moe block", f"automoe experts ({experts.backend}), torch dispatch/combine", why))
+                rows.append(Row("moe block", f"automoe experts ({experts.backend}{where}), composed autograd", why))
         elif find_experts(module) is not None:
             try:
                 block_spec(module, config)
