@@ -46,8 +46,9 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad):
     a, b, offs = ctx.saved_tensors
-    grad_a = grouped_mm(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
-    grad_b = grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    grad = grad.contiguous()  # an expanded gradient (of a sum) has zero strides, which grouped_mm refuses
+    grad_a = _grouped_mm_op(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    grad_b = _grouped_mm_op(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
     return grad_a, grad_b, None
 
 
