@@ -9,10 +9,7 @@ from tiny_configs import make_config
 
 from automoe import AutoMoEForCausalLM
 from automoe.moe.block import MoEBlock
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+from automoe.numerics import relative_error as rel
 
 
 def loss_and_grads(model, forward, ids):
@@ -58,3 +55,19 @@ def test_moe_block_traces_as_one_graph(family):
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
     for got, want in zip(compiled[1], eager[1], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_custom_ops_fake_kernels_match_their_eager_kernels():
+    """torch.library.opcheck: schema, fake kernel (shapes, dtypes, strides), autograd registration, AOT dispatch."""
+    from automoe.moe.grouped_mm import _grouped_mm_op
+
+    rows, cols, experts = 12, 16, 3
+    x = torch.randn(rows, cols, requires_grad=True)
+    weight = (torch.rand(cols) + 0.5).requires_grad_(True)
+    torch.library.opcheck(torch.ops.automoe.rms_norm_fwd.default, (x, weight, 1e-6, "torch"))
+    _, rstd = torch.ops.automoe.rms_norm_fwd(x.detach(), weight.detach(), 1e-6, "torch")
+    torch.library.opcheck(torch.ops.automoe.rms_norm_bwd.default,
+                          (torch.randn(rows, cols), x.detach(), weight.detach(), rstd, "torch"))
+    offsets = torch.tensor([4, 4, rows], dtype=torch.int32)
+    w = torch.randn(experts, cols, 8, requires_grad=True)
+    torch.library.opcheck(_grouped_mm_op, (x, w, offsets))

@@ -6,5 +6,5 @@ import torch
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| in fp32 (Frobenius norms; a zero `want` divides by 1e-30, not 0)."""
-    return ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30)).item()
+    """||got - want|| / ||want|| in fp64 (Frobenius norms; a zero `want` divides by 1e-30, not 0)."""
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30)).item()
