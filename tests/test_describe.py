@@ -54,3 +54,14 @@ def test_one_summary_line_is_logged_at_load(caplog):
     lines = [r.getMessage() for r in caplog.records if r.name == "automoe"]
     assert len(lines) == 1 and lines[0].startswith("automoe: qwen3_moe: moe block x2 automoe routed experts")
     assert "\n" not in lines[0]
+
+
+def test_swapped_modules_carry_their_own_class_names():
+    """A kernel-swapped module's class says so (AutoMoE<HF class>), in repr and profiles; isinstance still holds."""
+    import transformers.models.qwen3_moe.modeling_qwen3_moe as hf
+
+    model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"))
+    norm, attention = model.model.norm, model.model.layers[0].self_attn
+    assert type(norm).__name__ == "AutoMoEQwen3MoeRMSNorm" and isinstance(norm, hf.Qwen3MoeRMSNorm)
+    assert type(attention).__name__ == "AutoMoEQwen3MoeAttention" and isinstance(attention, hf.Qwen3MoeAttention)
+    assert "(norm): AutoMoEQwen3MoeRMSNorm" in repr(model)

@@ -1,8 +1,9 @@
 """Per-instance forward swaps: a verified module gets a subclass of its own class with automoe's forward.
 
-Changing the instance's class (not the HF class) keeps isinstance, parameter names and HF's hooks, and leaves
-every other model in the process on HF's code. One subclass per HF class and kind of swap, cached, so a model
-patched twice or two models of one family share it; a pickled model swaps again on load (runtime_classes.py).
+Changing the instance's class (not the HF class), to one named AutoMoE<HF class>, keeps isinstance, parameter
+names and HF's hooks, and leaves every other model in the process on HF's code. One subclass per HF class and kind
+of swap, cached, so a model patched twice or two models of one family share it; a pickled model swaps again on load
+(runtime_classes.py).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class ForwardSwap:
         if cls not in self.subclasses:
             attrs = {"forward": self.forward_for(cls), "__module__": cls.__module__,
                      **built_by(swapped_class, self.owner, cls)}
-            self.subclasses[cls] = type(cls.__name__, (cls,), attrs)
+            self.subclasses[cls] = type(f"AutoMoE{cls.__name__}", (cls,), attrs)  # own name: reprs and profiles
         return self.subclasses[cls]
 
     def owns(self, module: nn.Module) -> bool:
