@@ -29,10 +29,9 @@ import torch.distributed as dist
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from automoe import AutoMoEForCausalLM, AutoMoEOptions, create_distributed_setup_from_config, optimize_model
+from automoe.bench.workload import QWEN3_30B_A3B
 
-L8 = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-          num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936,
-          tie_word_embeddings=False, num_hidden_layers=8, norm_topk_prob=True, max_position_embeddings=40960)
+L8 = {**QWEN3_30B_A3B, "num_hidden_layers": 8}
 TINY = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
             num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=48, vocab_size=128,
             tie_word_embeddings=False, num_hidden_layers=2, norm_topk_prob=True, max_position_embeddings=128)

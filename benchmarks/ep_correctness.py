@@ -22,19 +22,14 @@ from torch.distributed.tensor import DTensor
 from transformers import Qwen3MoeConfig
 
 from automoe import AutoMoEForCausalLM, create_distributed_setup_from_config
+from automoe.bench.workload import QWEN3_30B_A3B
+from automoe.numerics import relative_error as rel
 
-SHAPE = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
-             num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144, vocab_size=151936,
-             tie_word_embeddings=False, norm_topk_prob=True, max_position_embeddings=40960)
 TINY = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=8,
             num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=48, vocab_size=128,
             tie_word_embeddings=False, norm_topk_prob=True, max_position_embeddings=128)
 SAMPLED = ("layers.0.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj", "layers.0.mlp.gate.weight",
            "layers.1.self_attn.q_proj.weight", "embed_tokens.weight")
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -61,7 +56,7 @@ def main() -> None:
     else:
         device, dtype = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), torch.bfloat16
         torch.cuda.set_device(device)
-        config = Qwen3MoeConfig(num_hidden_layers=args.layers, **SHAPE)
+        config = Qwen3MoeConfig(**{**QWEN3_30B_A3B, "num_hidden_layers": args.layers})
     gen = torch.Generator().manual_seed(1234)
     batch = torch.randint(0, config.vocab_size, (world, args.seq), generator=gen)
 

@@ -18,15 +18,13 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEOptions, optimize_model
+from automoe.bench.workload import QWEN3_30B_A3B
 from automoe.moe.block import MoEBlock
+from automoe.numerics import relative_error as rel
 
 SHAPES = {
     # Qwen3-30B-A3B's layer shape, 2 layers
-    "qwen3_moe": transformers.Qwen3MoeConfig(
-        vocab_size=151936, hidden_size=2048, num_hidden_layers=2, num_attention_heads=32, num_key_value_heads=4,
-        head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
-        norm_topk_prob=True, tie_word_embeddings=False, output_router_logits=True,
-    ),
+    "qwen3_moe": transformers.Qwen3MoeConfig(**{**QWEN3_30B_A3B, "num_hidden_layers": 2, "output_router_logits": True}),
     # DeepSeek-V3's block (MLA, sigmoid grouped router with bias, shared expert, first layer dense), scaled down
     "deepseek_v3": transformers.DeepseekV3Config(
         vocab_size=32000, hidden_size=2048, num_hidden_layers=3, num_attention_heads=16, num_key_value_heads=16,
@@ -36,10 +34,6 @@ SHAPES = {
         tie_word_embeddings=False,
     ),
 }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
 GRAD_KEYS = ("experts", "gate", "embed", "q_proj", "kv_a")

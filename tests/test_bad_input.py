@@ -37,12 +37,21 @@ def test_disabled_loads_plain_hf():
     assert type(model).__name__ == "Qwen3MoeForCausalLM" and moe_blocks(model) == 0
 
 
-def test_grouped_mm_refuses_unaligned_shapes_with_the_fix():
+def test_unaligned_expert_rows_load_on_the_per_expert_path_with_one_warning():
+    """An intermediate size of 6 (24-byte fp32 rows) is a shape transformers loads; automoe loads it too, on a
+    correct path, and says so once."""
     config = make_config("qwen3_moe", moe_intermediate_size=6)
-    with pytest.raises(ValueError, match="multiples of 16 bytes.*'experts_backend': 'per_expert'"):
-        AutoMoEForCausalLM.from_config(config)
-    model = AutoMoEForCausalLM.from_config(config, automoe_options={"experts_backend": "per_expert"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = AutoMoEForCausalLM.from_config(config)
+    said = [w for w in caught if issubclass(w.category, AutoMoEWarning)]
+    assert len(said) == 1 and "6 x 4 bytes" in str(said[0].message) and "per_expert" in str(said[0].message)
     assert moe_blocks(model) == 2
+    reference = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager")
+    reference.load_state_dict(model.state_dict())
+    ids = torch.randint(3, config.vocab_size, (2, 12))
+    got, want = model(input_ids=ids, labels=ids).loss, reference(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_unrecognised_router_warns_once_with_family_and_reason():

@@ -11,7 +11,7 @@ import torch
 
 from automoe.bench import cli, measure, report, worker
 from automoe.bench.columns import ColumnSpec, build_model
-from automoe.bench.workload import flops_per_token, make_config
+from automoe.bench.workload import QWEN3_30B_A3B, flops_per_token, make_config
 
 
 def test_bench_runs_both_columns_in_subprocesses(tmp_path, capsys):
@@ -89,10 +89,13 @@ def test_a_failing_column_is_reported_with_its_last_line_and_its_output(capfd):
 
 def test_flops_per_token_counts_active_weights_and_causal_attention():
     config = make_config("qwen3-30b-a3b-l8")
-    h, i, e, k, layers, vocab = 2048, 768, 128, 8, 8, 151936
-    attention_proj = h * 32 * 128 * 2 + h * 4 * 128 * 2
+    s = QWEN3_30B_A3B
+    h, i, e, k, layers, vocab = (s["hidden_size"], s["moe_intermediate_size"], s["num_experts"],
+                                 s["num_experts_per_tok"], 8, s["vocab_size"])
+    heads, kv_heads, head_dim = s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"]
+    attention_proj = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2
     per_layer = attention_proj + k * 3 * h * i + h * e
-    want = 6 * (layers * per_layer + h * vocab) + 6 * layers * 32 * 128 * 4096
+    want = 6 * (layers * per_layer + h * vocab) + 6 * layers * heads * head_dim * 4096
     assert flops_per_token(config, 4096) == pytest.approx(want)
 
 

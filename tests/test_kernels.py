@@ -19,12 +19,8 @@ from automoe.moe.dispatch import LocalDispatcher, expert_rows
 from automoe.moe.experts import Experts
 from automoe.moe.router import Router
 from automoe.moe.spec import ExpertsSpec, RouterSpec
+from automoe.numerics import relative_error as rel
 from automoe.options import AutoMoEOptions
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
 
 SPECS = {
     "swiglu": ExpertsSpec(num_experts=6, hidden_size=16, intermediate_size=8, act_name="silu"),

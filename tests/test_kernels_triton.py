@@ -18,6 +18,7 @@ from automoe.moe.dispatch import LocalDispatcher, expert_rows
 from automoe.moe.experts import Experts
 from automoe.moe.router import route
 from automoe.moe.spec import ExpertsSpec, RouterSpec
+from automoe.numerics import relative_error as rel
 
 GPU = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -28,9 +29,6 @@ DEVICE = "cuda" if GPU else "cpu"
 DTYPE = torch.bfloat16 if GPU else torch.float32
 TOL = 1e-2 if GPU else 1e-5
 
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def randn(*shape, scale=1.0):

@@ -11,16 +11,13 @@ from automoe import AutoMoEForCausalLM
 from automoe.families import NAMED_FAMILIES
 from automoe.families.recognize import find_experts
 from automoe.moe.block import MoEBlock
+from automoe.numerics import relative_error as rel
 
 ACCELERATED = [
     "qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss",  # named
     "glm4_moe", "flex_olmo", "dots1",  # recognised by structure alone
     "nemotron_h", "nemotron_h_latent",  # Mamba2 + attention + non-gated relu2 experts; LatentMoE projections
 ]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 @pytest.fixture(scope="module", params=ACCELERATED)

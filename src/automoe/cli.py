@@ -12,9 +12,14 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        from . import __version__
+
+        print(f"automoe {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: automoe <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: automoe [--version] <command> [options]\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nautomoe: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

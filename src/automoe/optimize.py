@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from .describe import summary
 from .families import NAMED_FAMILIES
 from .families.recognize import Unrecognized, block_spec, build_router, cpu_twin, find_experts
 from .kernels import apply_kernels
@@ -15,6 +18,8 @@ from .moe.block import MoEBlock
 from .moe.experts import Experts
 from .moe.spec import BlockSpec
 from .options import AutoMoEOptions
+
+logger = logging.getLogger("automoe")
 
 _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
@@ -46,18 +51,23 @@ def build_block(hf_block: nn.Module, spec: BlockSpec, options: AutoMoEOptions) -
     return block
 
 
-def check_backend(spec: BlockSpec, options: AutoMoEOptions, dtype: torch.dtype) -> None:
-    """grouped_mm needs every row of the expert matrices on a 16-byte boundary."""
+def check_backend(spec: BlockSpec, options: AutoMoEOptions, dtype: torch.dtype) -> AutoMoEOptions:
+    """The options to build with: grouped_mm needs every row of the expert matrices on a 16-byte boundary, so for
+    another shape the experts run the per-expert loop instead (correct, slower), said once in a warning."""
     if options.experts_backend != "grouped_mm":
-        return
+        return options
     itemsize = torch.empty((), dtype=dtype).element_size()
     for dim in (spec.experts.hidden_size, spec.experts.intermediate_size):
         if (dim * itemsize) % 16:
-            raise ValueError(
-                f"experts_backend='grouped_mm' needs hidden and expert intermediate sizes whose rows are multiples "
-                f"of 16 bytes; this model has {dim} x {itemsize} bytes. Pass "
-                "automoe_options={'experts_backend': 'per_expert'} for this shape."
+            warnings.warn(
+                f"automoe: experts_backend='grouped_mm' needs hidden and expert intermediate sizes whose rows are "
+                f"multiples of 16 bytes; this model has {dim} x {itemsize} bytes, so its experts run "
+                "experts_backend='per_expert' (a loop over experts: correct, slower, no fused experts kernel).",
+                AutoMoEWarning,
+                stacklevel=4,
             )
+            return replace(options, experts_backend="per_expert")
+    return options
 
 
 def verify_block(hf_block: nn.Module, block: MoEBlock) -> None:
@@ -99,7 +109,7 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
             continue
         try:
             spec = block_spec(module, config)
-            check_backend(spec, options, getattr(module, spec.experts_attr).down_proj.dtype)
+            options = check_backend(spec, options, getattr(module, spec.experts_attr).down_proj.dtype)
             block = build_block(module, spec, options)
             if family not in NAMED_FAMILIES:
                 if type(module) not in verified:
@@ -126,7 +136,9 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
             AutoMoEWarning,
             stacklevel=3,
         )
-    apply_kernels(model, options)
+    if replaced:  # a model automoe does not accelerate stays plain transformers, kernels and attention included
+        apply_kernels(model, options)
+        logger.info(summary(model))
     return model
 
 

@@ -21,31 +21,35 @@ from pathlib import Path
 import torch
 
 from . import nemo_column
-from .columns import COLUMNS, OPTIMIZERS, ColumnSpec, liger_available
+from .columns import COLUMNS, DEFAULT_COLUMNS, OPTIMIZERS, ColumnSpec, liger_available
 from .report import table, write
 from .workload import WORKLOADS, flops_per_token, make_config, mamba_kernels
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="automoe bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="automoe bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--workload", default="qwen3-30b-a3b-l8", choices=sorted(WORKLOADS))
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the workload's)")
-    p.add_argument("--seq", type=int, default=4096)
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=4096, help="sequence length of the main measurement (default: 4096)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step at --seq (default: 1)")
     p.add_argument("--steps", type=int, default=7, help="timed steps (median)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones (default: 3)")
     p.add_argument("--router", default="model", choices=["model", "balanced"],
                    help="automoe's router: the model's own, or forced balanced (labelled in the output)")
-    p.add_argument("--columns", default=",".join(COLUMNS), help=f"comma-separated subset of {', '.join(COLUMNS)}")
+    p.add_argument("--columns", default=",".join(DEFAULT_COLUMNS),
+                   help=f"comma-separated, from {', '.join(COLUMNS)} (default: {','.join(DEFAULT_COLUMNS)})")
     p.add_argument("--max-seq", type=int, default=0,
                    help="sequence sweep at batch 1: double --seq up to this until a column runs out of memory")
-    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch", "off"])
+    p.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch", "off"],
+                   help="automoe column's automoe_options['kernels']: auto (Triton on CUDA), triton, torch "
+                        "(the references) or off (MoE blocks only)")
     p.add_argument("--optimizer", default="automoe",
                    help="automoe column's AdamW, comma-separated for one automoe column each: automoe "
                         "(automoe.kernels.AdamW stepped after backward), automoe-in-backward (applied as each "
                         "gradient is ready), torch (torch's fused AdamW); peers always use torch's fused AdamW")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens, the same for every column")
     p.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
     p.add_argument("--profile", default=None, help="folder for a torch.profiler table of one step per column")
     p.add_argument("--no-plot", action="store_true")
@@ -148,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     columns.sort(key=lambda c: c == "v5+liger")  # Liger patches classes: always last
     skipped = sorted(skips)
     specs = [ColumnSpec(c, router=args.router, kernels=args.kernels, optimizer=o)
-             for c in columns for o in (args.optimizer_list if c == "automoe" else ["torch"])]
+             for c in columns for o in (args.optimizer_list if c.startswith("automoe") else ["torch"])]
     # first automoe variant, then the peers (Liger last), then other automoe variants: a run cut short keeps
     # the main comparison
-    specs.sort(key=lambda s: (s.name == "automoe" and s.optimizer != args.optimizer_list[0], s.name == "v5+liger"))
+    specs.sort(key=lambda s: (s.automoe and s.optimizer != args.optimizer_list[0], s.name == "v5+liger"))
     run = run_in_process if in_process else run_subprocess
     config = make_config(args.workload, args.layers)
     rank = int(os.environ.get("RANK", "0"))

@@ -1,11 +1,12 @@
 """The columns a bench run compares: how each model is built and which optimizer it steps with.
 
-automoe: AutoMoEForCausalLM with its kernels and fused loss. v5: Transformers v5 at its best on one GPU
-(experts_implementation="grouped_mm", attn_implementation="sdpa"). v5+liger: v5 after Liger-Kernel's patch
-for the family (it patches classes, so it only ever runs in a process of its own or last). nemo: NeMo
-AutoModel's NeMoAutoModelForCausalLM with its recipe's loss, one GPU, in a process of its own (nemo_column.py).
-All in bf16 with AdamW; under torchrun, FSDP2 (automoe's distributed setup; fully_shard per decoder layer + root
-for the v5 columns; no nemo column).
+automoe: AutoMoEForCausalLM with its kernels and fused loss; automoe+compile: the same model after
+`model.compile()` (torch.compile's default inductor backend; not among the default columns). v5: Transformers v5
+at its best on one GPU (experts_implementation="grouped_mm", attn_implementation="sdpa"). v5+liger: v5 after
+Liger-Kernel's patch for the family (it patches classes, so it only ever runs in a process of its own or last).
+nemo: NeMo AutoModel's NeMoAutoModelForCausalLM with its recipe's loss, one GPU, in a process of its own
+(nemo_column.py). All in bf16 with AdamW; under torchrun, FSDP2 (automoe's distributed setup; fully_shard per
+decoder layer + root for the v5 columns; no nemo column).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-COLUMNS = ("automoe", "v5", "v5+liger", "nemo")
+COLUMNS = ("automoe", "automoe+compile", "v5", "v5+liger", "nemo")
+DEFAULT_COLUMNS = ("automoe", "v5", "v5+liger", "nemo")
 OPTIMIZERS = ("automoe", "automoe-in-backward", "torch")
 
 
@@ -29,18 +31,23 @@ class ColumnSpec:
     optimizer: str = "torch"  # automoe column: one of OPTIMIZERS; the peers always step torch's fused AdamW
 
     @property
+    def automoe(self) -> bool:
+        return self.name.startswith("automoe")
+
+    @property
     def key(self) -> str:
         """Unique per column of a run, safe in file names."""
         base = self.name.replace("+", "-")
-        return f"{base}-{self.optimizer}" if self.name == "automoe" else base
+        return f"{base}-{self.optimizer}" if self.automoe else base
 
     @property
     def label(self) -> str:
-        if self.name == "automoe":
+        if self.automoe:
             router = "balanced router" if self.router == "balanced" else "own router"
             extra = ", AdamW in backward" if self.optimizer == "automoe-in-backward" else ""
             extra += ", torch AdamW" if self.optimizer == "torch" else ""
-            return f"automoe ({router}{extra})"
+            compiled = " + torch.compile" if self.name == "automoe+compile" else ""
+            return f"automoe{compiled} ({router}{extra})"
         return {"v5": "Transformers v5 (grouped_mm + sdpa)", "v5+liger": "v5 + Liger-Kernel",
                 "nemo": "NeMo AutoModel"}[self.name]
 
@@ -58,7 +65,7 @@ def build_model(spec: ColumnSpec, config, device: torch.device):
     if spec.name == "nemo":
         raise ValueError("the nemo column's model is built by automoe.bench.nemo_column.build, with its recipe loss")
     common = dict(dtype=torch.bfloat16, attn_implementation="sdpa")
-    if spec.name == "automoe":
+    if spec.automoe:
         from automoe import AutoMoEForCausalLM
 
         options = {"kernels": spec.kernels, "fused_loss": True, "router": spec.router}
@@ -66,9 +73,13 @@ def build_model(spec: ColumnSpec, config, device: torch.device):
             from automoe import create_distributed_setup_from_config
 
             setup = create_distributed_setup_from_config({"strategy": "fsdp2"})
-            return AutoMoEForCausalLM.from_config(config, automoe_options=options, distributed_setup=setup, **common)
-        with device:
-            return AutoMoEForCausalLM.from_config(config, automoe_options=options, **common)
+            model = AutoMoEForCausalLM.from_config(config, automoe_options=options, distributed_setup=setup, **common)
+        else:
+            with device:
+                model = AutoMoEForCausalLM.from_config(config, automoe_options=options, **common)
+        if spec.name == "automoe+compile":
+            model.compile()  # in place: the same module, its forward compiled on the first (warm-up) step
+        return model
     if spec.name == "v5+liger":
         import liger_kernel.transformers as liger
 
@@ -90,7 +101,7 @@ def build_model(spec: ColumnSpec, config, device: torch.device):
 def build_optimizer(spec: ColumnSpec, model, lr: float = 1e-5) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     on_gpu = params[0].is_cuda
-    if spec.name == "automoe" and spec.optimizer.startswith("automoe"):
+    if spec.automoe and spec.optimizer.startswith("automoe"):
         from automoe.kernels import AdamW
 
         in_backward = spec.optimizer == "automoe-in-backward"

@@ -59,25 +59,29 @@ def table(result: dict) -> str:
 
 
 def ratios(result: dict) -> list[str]:
-    """Each automoe column against each peer, at the main seq and at every sweep seq both trained."""
-    ours = [c for c in result["columns"] if c["column"] == "automoe"]
-    peers = [c for c in result["columns"] if c["column"] != "automoe"]
+    """Each automoe column against each peer, and each compiled automoe column against the eager ones, at the main
+    seq and at every sweep seq both trained."""
+    cols = result["columns"]
+    ours = [c for c in cols if c["column"].startswith("automoe")]
+    peers = [c for c in cols if not c["column"].startswith("automoe")]
+    eager = [c for c in cols if c["column"] == "automoe"]
+    pairs = [(m, p) for m in ours for p in peers] + [(m, e) for m in ours if m["column"] == "automoe+compile"
+                                                      for e in eager]
     lines = []
-    for mine in ours:
-        for peer in peers:
-            a, b = main_run(mine), main_run(peer)
-            if a is None or b is None:
-                continue
-            line = (f"{mine['label']} / {peer['label']}: step TPS x{a['step_tps'] / b['step_tps']:.2f}, "
-                    f"fwd+bwd TPS x{a['fwd_bwd_tps'] / b['fwd_bwd_tps']:.2f}")
-            if "peak_gib" in a and "peak_gib" in b:
-                line += f", peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB"
-            both = {r["seq"]: r for r in peer["runs"] if r["batch"] == 1 and not r.get("oom")}
-            sweep = [(r["seq"], r["step_tps"] / both[r["seq"]]["step_tps"]) for r in mine["runs"]
-                     if r["batch"] == 1 and not r.get("oom") and r["seq"] in both and r is not a]
-            if sweep:
-                line += "; sweep " + ", ".join(f"{s}: x{x:.2f}" for s, x in sweep)
-            lines.append(line)
+    for mine, peer in pairs:
+        a, b = main_run(mine), main_run(peer)
+        if a is None or b is None:
+            continue
+        line = (f"{mine['label']} / {peer['label']}: step TPS x{a['step_tps'] / b['step_tps']:.2f}, "
+                f"fwd+bwd TPS x{a['fwd_bwd_tps'] / b['fwd_bwd_tps']:.2f}")
+        if "peak_gib" in a and "peak_gib" in b:
+            line += f", peak {a['peak_gib']:.1f} vs {b['peak_gib']:.1f} GiB"
+        both = {r["seq"]: r for r in peer["runs"] if r["batch"] == 1 and not r.get("oom")}
+        sweep = [(r["seq"], r["step_tps"] / both[r["seq"]]["step_tps"]) for r in mine["runs"]
+                 if r["batch"] == 1 and not r.get("oom") and r["seq"] in both and r is not a]
+        if sweep:
+            line += "; sweep " + ", ".join(f"{s}: x{x:.2f}" for s, x in sweep)
+        lines.append(line)
     return lines
 
 
@@ -88,8 +92,13 @@ def gpu_state_lines(result: dict) -> list[str]:
     return ["GPU state read after each timed step (median): " + "; ".join(cells)] if cells else []
 
 
+def sweep_seqs(result: dict) -> list[int]:
+    """The batch-1 sequence lengths any column ran."""
+    return sorted({r["seq"] for c in result["columns"] for r in c["runs"] if r["batch"] == 1})
+
+
 def sweep_lines(result: dict) -> list[str]:
-    seqs = sorted({r["seq"] for c in result["columns"] for r in c["runs"] if r["batch"] == 1})
+    seqs = sweep_seqs(result)
     if len(seqs) < 2:
         return []
     lines = ["step TPS by seq (batch 1): " + ", ".join(c["label"] for c in result["columns"])]
@@ -119,13 +128,16 @@ def write(result: dict, out_dir: Path, plot: bool = True) -> list[Path]:
 
 
 def _plot(result: dict, path: Path) -> Path:
+    """Step TPS by column at the main seq; beside it, where the run swept two or more lengths, TPS by length."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cols = result["columns"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    sweep = len(sweep_seqs(result)) > 1  # one sequence length is no sweep: no panel for it
+    fig, axes = plt.subplots(1, 1 + sweep, figsize=(12 if sweep else 6.5, 4.5), squeeze=False)
+    left = axes[0][0]
     labels = [c["label"] for c in cols]
     values = [(main_run(c) or {}).get("step_tps", 0) for c in cols]
     left.bar(range(len(cols)), values, color=["#2a7", "#888", "#c84", "#48c"][: len(cols)])
@@ -134,16 +146,18 @@ def _plot(result: dict, path: Path) -> Path:
     left.set_title(f"{result['workload']}, seq {result['args']['seq']}, batch {result['args']['batch']}")
     for i, v in enumerate(values):
         left.text(i, v, f"{v:,.0f}", ha="center", va="bottom", fontsize=8)
-    for col in cols:
-        pts = [(r["seq"], r["step_tps"]) for r in col["runs"] if r["batch"] == 1 and not r.get("oom")]
-        if pts:
-            right.plot(*zip(*pts, strict=True), marker="o", label=col["label"])
-    right.set_xscale("log", base=2)
-    right.set_xlabel("sequence length (batch 1)")
-    right.set_ylabel("step TPS")
-    right.set_title("sequence sweep, batch 1 (to --max-seq or the first OOM)")
-    if right.lines:
-        right.legend(fontsize=8)
+    if sweep:
+        right = axes[0][1]
+        for col in cols:
+            pts = [(r["seq"], r["step_tps"]) for r in col["runs"] if r["batch"] == 1 and not r.get("oom")]
+            if pts:
+                right.plot(*zip(*pts, strict=True), marker="o", label=col["label"])
+        right.set_xscale("log", base=2)
+        right.set_xlabel("sequence length (batch 1)")
+        right.set_ylabel("step TPS")
+        right.set_title("sequence sweep, batch 1 (to --max-seq or the first OOM)")
+        if right.lines:
+            right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

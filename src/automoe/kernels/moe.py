@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from ..moe.dispatch import ExpertRows, expert_of_rows
-from ..moe.experts import grouped_mm as _grouped_mm
 from ..moe.experts import weight_in_out as _in_out
+from ..moe.grouped_mm import grouped_mm as _grouped_mm
 from ..moe.lora import LoraFactors, factor_grads, project, project_input_grad
 from ..moe.spec import ExpertsSpec
 from .combine import gather_sum

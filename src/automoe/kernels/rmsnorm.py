@@ -68,53 +68,77 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * normed.to(x.dtype)
 
 
-class RMSNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, eps, mode):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        rows, cols = x2.shape
-        if use_triton(mode, x2):
-            y = torch.empty_like(x2, dtype=torch.result_type(x2, weight))
-            rstd = torch.empty(rows, device=x2.device, dtype=torch.float32)
-            if rows:
-                tile_rows, block = _tile(cols)
-                _rms_fwd_kernel[(triton.cdiv(rows, tile_rows),)](x2, weight, y, rstd, rows, cols, eps, ROWS=tile_rows,
-                                                                 BLOCK=block)
-        else:
-            xf = x2.float()
-            rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
-            y = weight * (xf * rstd[:, None]).to(x.dtype)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.mode, ctx.shape = mode, shape
-        return y.view(*shape[:-1], -1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x2, weight, rstd = ctx.saved_tensors
-        rows, cols = x2.shape
-        dy = grad.reshape(rows, cols).contiguous()
-        if use_triton(ctx.mode, x2):
-            programs = max(1, min(rows, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
-                                  if x2.is_cuda else 8))
-            per = triton.cdiv(rows, programs)
-            dx = torch.empty_like(x2)
-            dw_part = torch.empty(programs, cols, device=x2.device, dtype=torch.float32)
+# Custom ops (fake kernels give shapes and dtypes): torch.compile, activation checkpointing and the profiler see one
+# automoe::rms_norm_fwd / automoe::rms_norm_bwd each, whichever path runs inside.
+@torch.library.custom_op("automoe::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, rstd) of contiguous x [rows, cols]: y in x and weight's promoted dtype, one fp32 rstd per row."""
+    rows, cols = x.shape
+    if use_triton(mode, x):
+        y = torch.empty_like(x, dtype=torch.result_type(x, weight))
+        rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
+        if rows:
             tile_rows, block = _tile(cols)
-            _rms_bwd_kernel[(programs,)](dy, x2, weight, rstd, dx, dw_part, rows, cols, per, ROWS=tile_rows,
-                                         BLOCK=block)
-            dw = dw_part.sum(0)
-        else:
-            n = x2.float() * rstd[:, None]
-            dyf = dy.float()
-            dw = (dyf * n.to(x2.dtype).float()).sum(0)
-            dn = dyf * weight.float()
-            dx = rstd[:, None] * (dn - n * (dn * n).mean(-1, keepdim=True))
-        return dx.to(x2.dtype).view(ctx.shape), dw.to(weight.dtype), None, None
+            _rms_fwd_kernel[(triton.cdiv(rows, tile_rows),)](x, weight, y, rstd, rows, cols, eps, ROWS=tile_rows,
+                                                             BLOCK=block)
+        return y, rstd
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
+    return weight * (xf * rstd[:, None]).to(x.dtype), rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, eps, mode):
+    return x.new_empty(x.shape, dtype=torch.result_type(x, weight)), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("automoe::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
+                  mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight) from contiguous dy [rows, cols] and what the forward kept (x, weight, rstd)."""
+    rows, cols = x.shape
+    if use_triton(mode, x):
+        programs = max(1, min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+                              if x.is_cuda else 8))
+        per = triton.cdiv(rows, programs)
+        dx = torch.empty_like(x)
+        dw_part = torch.empty(programs, cols, device=x.device, dtype=torch.float32)
+        tile_rows, block = _tile(cols)
+        _rms_bwd_kernel[(programs,)](dy, x, weight, rstd, dx, dw_part, rows, cols, per, ROWS=tile_rows, BLOCK=block)
+        return dx, dw_part.sum(0).to(weight.dtype)
+    n = x.float() * rstd[:, None]
+    dyf = dy.float()
+    dw = (dyf * n.to(x.dtype).float()).sum(0)
+    dn = dyf * weight.float()
+    dx = rstd[:, None] * (dn - n * (dn * n).mean(-1, keepdim=True))
+    return dx.to(x.dtype), dw.to(weight.dtype)
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, mode):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _, mode = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.mode = mode
+
+
+def _backward(ctx, grad_y, _grad_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _rms_norm_bwd(grad_y.contiguous(), x, weight, rstd, ctx.mode)
+    return dx, dw, None, None
+
+
+_rms_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, mode: str) -> torch.Tensor:
-    return RMSNormFunction.apply(x, weight, eps, mode)
+    """weight * x / rms(x) over the last dim, keeping only x and one fp32 rstd per row for backward."""
+    shape = x.shape
+    y, _ = _rms_norm_fwd(x.reshape(-1, shape[-1]).contiguous(), weight, eps, mode)
+    return y.view(*shape[:-1], -1)
 
 
 def _eps(module: nn.Module) -> float | None:
@@ -145,7 +169,7 @@ def computes_rms_norm(module: nn.Module) -> bool:
 
 def patch_rms_norms(model: nn.Module, mode: str) -> int:
     """Give every verified RMSNorm instance the fused forward (its class gets a subclass; isinstance holds)."""
-    return _SWAP.apply(model, mode)
+    return SWAP.apply(model, mode)
 
 
 def _is_rms_norm(module: nn.Module) -> bool:
@@ -159,4 +183,4 @@ def _fused_forward(cls: type):
     return forward
 
 
-_SWAP = ForwardSwap(__name__, _is_rms_norm, _fused_forward)
+SWAP = ForwardSwap(__name__, _is_rms_norm, _fused_forward)

@@ -175,11 +175,16 @@ def computes_rope(fn: Callable) -> bool:
                     for g, w in zip(got, want, strict=True)))
 
 
+def calls_rope(cls: type) -> bool:
+    """`cls.forward` calls a module-global `apply_rotary_pos_emb`, the function this module can replace."""
+    code = getattr(inspect.unwrap(cls.forward), "__code__", None)
+    return code is not None and NAME in code.co_names
+
+
 def _install(cls: type) -> bool:
     """Put the dispatcher in place of the global `cls.forward` calls, if that global verifies; True when in place."""
-    forward = inspect.unwrap(cls.forward)
-    code, namespace = getattr(forward, "__code__", None), getattr(forward, "__globals__", {})
-    if code is None or NAME not in code.co_names or not callable(namespace.get(NAME)):
+    namespace = getattr(inspect.unwrap(cls.forward), "__globals__", {})
+    if not calls_rope(cls) or not callable(namespace.get(NAME)):
         return False
     current = namespace[NAME]
     if hasattr(current, "automoe_original"):
@@ -208,11 +213,11 @@ def _marking_forward(cls: type) -> Callable:
 
 def patch_rope(model: nn.Module, mode: str) -> int:
     """Route every verified attention module's RoPE through rope(); returns how many modules were patched."""
-    return _SWAP.apply(model, mode)
+    return SWAP.apply(model, mode)
 
 
 def _accepts(module: nn.Module) -> bool:
     return _install(type(module))
 
 
-_SWAP = ForwardSwap(__name__, _accepts, _marking_forward)
+SWAP = ForwardSwap(__name__, _accepts, _marking_forward)

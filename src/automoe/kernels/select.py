@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-import functools
+import importlib
 import os
 
 import torch
 
 
-@functools.cache
-def triton_available() -> bool:
+def _imports(name: str) -> bool:
     try:
-        import triton  # noqa: F401
+        importlib.import_module(name)
     except ImportError:
         return False
     return True
+
+
+_TRITON = _imports("triton")  # once, at import: a plain bool that torch.compile reads without tracing a cache
+
+
+def triton_available() -> bool:
+    return _TRITON
 
 
 def interpreting() -> bool:

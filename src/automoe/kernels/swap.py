@@ -1,8 +1,9 @@
 """Per-instance forward swaps: a verified module gets a subclass of its own class with automoe's forward.
 
-Changing the instance's class (not the HF class) keeps isinstance, parameter names and HF's hooks, and leaves
-every other model in the process on HF's code. One subclass per HF class and kind of swap, cached, so a model
-patched twice or two models of one family share it; a pickled model swaps again on load (runtime_classes.py).
+Changing the instance's class (not the HF class), to one named AutoMoE<HF class>, keeps isinstance, parameter
+names and HF's hooks, and leaves every other model in the process on HF's code. One subclass per HF class and kind
+of swap, cached, so a model patched twice or two models of one family share it; a pickled model swaps again on load
+(runtime_classes.py).
 """
 
 from __future__ import annotations
@@ -31,8 +32,12 @@ class ForwardSwap:
         if cls not in self.subclasses:
             attrs = {"forward": self.forward_for(cls), "__module__": cls.__module__,
                      **built_by(swapped_class, self.owner, cls)}
-            self.subclasses[cls] = type(cls.__name__, (cls,), attrs)
+            self.subclasses[cls] = type(f"AutoMoE{cls.__name__}", (cls,), attrs)  # own name: reprs and profiles
         return self.subclasses[cls]
+
+    def owns(self, module: nn.Module) -> bool:
+        """`module`'s class is one this swap made."""
+        return type(module) in self.subclasses.values()
 
     def apply(self, model: nn.Module, mode: str) -> int:
         """Swap every accepted module of `model` and set its `automoe_kernels = mode`; returns how many."""
@@ -40,7 +45,7 @@ class ForwardSwap:
         count = 0
         for module in model.modules():
             cls = type(module)
-            if cls in self.subclasses.values():
+            if self.owns(module):
                 continue
             if cls not in verdicts:
                 verdicts[cls] = self.accepts(module)

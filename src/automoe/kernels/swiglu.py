@@ -183,12 +183,13 @@ def weighted_activation_backward(
     """(d h [S, 2I], d weights [S] fp32, the recomputed activation [S, I]) from d a [S, I]. d h is also each
     row's gradient of the gate/up bias."""
     if not (triton_covers(spec) and use_triton(mode, h)):
-        with torch.enable_grad():
-            h_ = h.detach().requires_grad_(True)
-            w_ = weights.detach().float().requires_grad_(True)
-            out = gated_activation(_biased(h_, bias), spec, act_fn) * w_[:, None]
-            dh, dw = torch.autograd.grad(out, (h_, w_), grad.float())
-        return dh.to(h.dtype), dw, out.detach().to(h.dtype)
+        def weighted(h_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
+            return gated_activation(_biased(h_, bias), spec, act_fn) * w_[:, None]
+
+        # torch.func.vjp, not autograd.grad: torch.compile traces it without a graph break
+        out, pull = torch.func.vjp(weighted, h.detach(), weights.detach().float())
+        dh, dw = pull(grad.float())
+        return dh.to(h.dtype), dw, out.to(h.dtype)
     rows, inter = h.shape[0], h.shape[1] // (2 if spec.has_gate else 1)
     dh = torch.empty_like(h)
     dw = torch.empty(rows, device=h.device, dtype=torch.float32)

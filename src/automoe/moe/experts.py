@@ -14,14 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
 from .dispatch import ExpertRows
 from .spec import ExpertsSpec
-
-grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 
 
 def weight_in_out(weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:

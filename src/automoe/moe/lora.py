@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import grouped_mm as _grouped_mm
+from .grouped_mm import grouped_mm as _grouped_mm
 from .spec import ExpertsSpec
 
 LoraFactors = tuple[torch.Tensor, torch.Tensor]  # (a [E, in, r], b [E, r, out]) with the scaling folded into b
