@@ -65,3 +65,12 @@ def test_swapped_modules_carry_their_own_class_names():
     assert type(norm).__name__ == "AutoMoEQwen3MoeRMSNorm" and isinstance(norm, hf.Qwen3MoeRMSNorm)
     assert type(attention).__name__ == "AutoMoEQwen3MoeAttention" and isinstance(attention, hf.Qwen3MoeAttention)
     assert "(norm): AutoMoEQwen3MoeRMSNorm" in repr(model)
+
+
+def test_non_gated_experts_are_described():
+    # NemotronH's experts hold up_proj/down_proj, no gate_up_proj: describe (also run by the load-time summary) used
+    # to read gate_up_proj and failed every NemotronH load
+    model = AutoMoEForCausalLM.from_config(make_config("nemotron_h"))
+    got = paths(model)
+    assert "automoe routed experts (grouped_mm)" in got["moe block"][0], got
+    assert "moe block x" in automoe.describe(model)

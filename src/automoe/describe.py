@@ -50,7 +50,7 @@ def _moe_rows(model: nn.Module, config) -> list[Row]:
             experts = getattr(module, module.spec.experts_attr)
             where = "" if type(module.dispatcher) is LocalDispatcher else f" behind {type(module.dispatcher).__name__}"
             if experts.fused_forward is not None:
-                path = kernel_path(experts.fused_forward.keywords["mode"], experts.gate_up_proj)
+                path = kernel_path(experts.fused_forward.keywords["mode"], experts.down_proj)
                 if path.path == "fused Triton" and not swiglu.triton_covers(module.spec.experts):
                     path = Row("", "grouped_mm + torch activation",
                                f"no Triton kernel for the {module.spec.experts.act_name} activation")
