@@ -14,7 +14,10 @@ def add_lora(model: nn.Module, section: LoraSection, rt: Runtime) -> nn.Module:
     """The peft model: adapters on `section`'s targets, everything else frozen."""
     if rt.setup is not None:
         raise RecipeError("lora: runs in one process for now; unset `distributed` (LoRA fits a 30B MoE on one GPU)")
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise RecipeError("lora: needs peft, which is not installed: pip install 'automoe[lora]'") from err
 
     config = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
                         target_modules=section.target_modules, target_parameters=section.target_parameters)
