@@ -18,11 +18,6 @@ from automoe.optimize import AutoMoEWarning
 MIN_ACCELERATED = 0.9
 MAX_PARAMETERS = 20_000_000  # a "tiny" config the generic shrinking leaves larger than this would exhaust CI's memory
 
-# Opt-in: the whole sweep takes minutes and its >= 90% line is issue 16's open target (run it by hand with
-# AUTOMOE_SWEEP=1 python -m pytest -s tests/test_sweep.py); the named families' parity tests run in CI.
-pytestmark = pytest.mark.skipif(os.environ.get("AUTOMOE_SWEEP") != "1", reason="the model-type sweep is opt-in: "
-                                "set AUTOMOE_SWEEP=1")
-
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
@@ -95,6 +90,8 @@ def test_no_model_type_is_accelerated_wrongly(table):
     assert not wrong, wrong
 
 
+@pytest.mark.skipif(os.environ.get("AUTOMOE_SWEEP") != "1", reason="issue 16's open target (69% on transformers 5.24 "
+                    "on 2026-12-01): run it with AUTOMOE_SWEEP=1")
 def test_most_model_types_are_accelerated(table):
     built = [t for t, (result, _) in table.items() if result != "no tiny config"]
     accelerated = [t for t in built if table[t][0] == "accelerated"]
