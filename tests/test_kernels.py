@@ -287,7 +287,7 @@ def test_building_under_a_device_context_patches_everything(device):
     attentions = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
     experts = [m for m in model.modules() if isinstance(m, Experts)]
     assert len(norms) == 2 * 2 + 2 * 2 + 1 and len(attentions) == 2 and len(experts) == 2, "every layer's modules"
-    for module, swap in [(m, rmsnorm._SWAP) for m in norms] + [(m, rope._SWAP) for m in attentions]:
+    for module, swap in [(m, rmsnorm.SWAP) for m in norms] + [(m, rope.SWAP) for m in attentions]:
         assert type(module) in swap.subclasses.values() and module.automoe_kernels == "auto", type(module).__name__
     assert all(e.fused_forward is not None for e in experts)
     assert "forward" in vars(model), "fused loss forward on this instance"
