@@ -109,6 +109,16 @@ def test_routed_lora_matches_hf_peft(family, path):
         assert (per_expert.flatten(1).abs().amax(1) > 0).all(), f"{family}: an expert of {name} got no gradient"
 
 
+def fused_beside_peft(wrapper, experts, spec):
+    """(automoe's fused experts with peft's adapters, peft's wrapper) on 10 tokens routed to every expert."""
+    x = torch.randn(10, spec.hidden_size)
+    ids, weights = every_expert_routing(10, 2, spec.num_experts)
+    with torch.no_grad():
+        ref = wrapper(x, ids, weights)
+    rows = expert_rows(ids, weights, spec.num_experts, ids.numel())
+    return automoe_experts(experts, spec, "fused")(x, rows, adapters=split_param_wrappers(wrapper)[1]), ref
+
+
 def test_frozen_base_gets_no_gradient_and_ranks_pad():
     """With the base frozen (as peft leaves it) the Function returns no base-weight gradient; a rank that is not
     a multiple of 8 is zero-padded and computes the same."""
@@ -118,12 +128,7 @@ def test_frozen_base_gets_no_gradient_and_ranks_pad():
     experts, gate_up, down = expert_adapters(wrapper, spec)
     assert gate_up[0].shape[-1] == 8 and down[1].shape[1] == 8
     assert not experts.gate_up_proj.requires_grad and not experts.down_proj.requires_grad
-    x = torch.randn(10, spec.hidden_size)
-    ids, weights = every_expert_routing(10, 2, spec.num_experts)
-    with torch.no_grad():
-        ref = wrapper(x, ids, weights)
-    rows = expert_rows(ids, weights, spec.num_experts, ids.numel())
-    out = automoe_experts(experts, spec, "fused")(x, rows, adapters=split_param_wrappers(wrapper)[1])
+    out, ref = fused_beside_peft(wrapper, experts, spec)
     assert rel(out, ref) < 1e-4
     out.sum().backward()
     assert experts.gate_up_proj.grad is None and experts.down_proj.grad is None
@@ -151,12 +156,7 @@ def test_two_active_adapters_sum():
     wrapper = moe_experts(model)[-1]
     spec = experts_spec(wrapper.get_base_layer())
     experts, gate_up, down = expert_adapters(wrapper, spec)
-    x = torch.randn(10, spec.hidden_size)
-    ids, weights = every_expert_routing(10, 2, spec.num_experts)
-    with torch.no_grad():
-        ref = wrapper(x, ids, weights)
-    rows = expert_rows(ids, weights, spec.num_experts, ids.numel())
-    out = automoe_experts(experts, spec, "fused")(x, rows, adapters=split_param_wrappers(wrapper)[1])
+    out, ref = fused_beside_peft(wrapper, experts, spec)
     assert gate_up[0].shape[-1] == 8 and rel(out, ref) < 1e-4
 
 
