@@ -51,6 +51,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--columns", default=",".join(COLUMNS))
     p.add_argument("--old-src", default=None, help="src folder (holding automoe/) of the old EP code, for old_ep")
     p.add_argument("--out", required=True, help="folder for ep_loopback.json")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one step of each column into COLUMN_profile.txt under --out")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -168,9 +170,46 @@ def run_worker(args: argparse.Namespace) -> dict:
     # every column makes that counting step, so the timed steps still start from equal weights in all
     result = measure(model, optimizer, tokens, args.warmup, args.steps)
     result.update(column=column, all_to_all_calls_per_step=calls, automoe_src=os.path.dirname(automoe.__file__))
+    if args.profile:
+        result.update(profile_step(model, optimizer, tokens, Path(args.out) / f"{column}_profile.txt"))
     print(f"[{column}] {result['step_ms']:.1f} ms/step, {result['step_tps']:,.0f} TPS, "
           f"peak {result.get('peak_gib', float('nan')):.1f} GiB, {calls} all-to-all calls/step", flush=True)
     return result
+
+
+def profile_step(model, optimizer, tokens: torch.Tensor, path: Path) -> dict:
+    """Where a column's forward spends its time: the host's time to issue the forward (until it returns, no
+    sync) against its wall time, and one profiled step's ops by host and by device time, written to `path`."""
+    import time
+
+    from automoe.bench.measure import train_step
+
+    sync = torch.cuda.synchronize if tokens.is_cuda else (lambda: None)
+    host, wall = [], []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
+        host.append((time.perf_counter() - start) * 1e3)
+        sync()
+        wall.append((time.perf_counter() - start) * 1e3)
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if tokens.is_cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        train_step(model, optimizer, tokens)
+        sync()
+    averages = prof.key_averages()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = [f"forward: host issue {min(host):.1f} ms, wall {min(wall):.1f} ms (min of 3)", "",
+            averages.table(sort_by="self_cpu_time_total", row_limit=45)]
+    if tokens.is_cuda:
+        text += ["", averages.table(sort_by="self_cuda_time_total", row_limit=30)]
+    path.write_text("\n".join(text))
+    print(f"wrote {path}: forward host issue {min(host):.1f} ms, wall {min(wall):.1f} ms", flush=True)
+    return {"forward_host_issue_ms": min(host), "forward_wall_ms": min(wall)}
 
 
 # ---- the driver ----

@@ -291,13 +291,50 @@ def bottleneck_rows(matrix: torch.Tensor) -> int:
 
 def payload(config, router: nn.Module) -> dict[str, dict[str, int]]:
     """Bytes per row of each all-to-all of a layer, and the number of all-to-alls (the count exchange included),
-    from the tensors distributed/dispatch.py's AllToAllDispatcher sends in a bf16 model: each token's hidden
-    state (bf16) with its top-k ids (int64) and weights (the router's output dtype), one summed row back; backward
-    sends the gradients of the hidden states and weights along the same routes."""
-    hidden, k = 2 * config.hidden_size, config.num_experts_per_tok
-    weight = 4 if router.spec.weights_in_fp32 or router.spec.logits_in_fp32 else 2
-    return {"fwd": {"dispatch": hidden + 8 * k + weight * k, "combine": hidden, "calls": 5},
-            "bwd": {"dispatch": hidden + weight * k, "combine": hidden, "calls": 3}}
+    counted: distributed/dispatch.py's AllToAllDispatcher runs one layer forward and backward in a world-size-1
+    gloo group, on bf16 hidden states and routing weights in the router's output dtype, and every
+    all_to_all_single it makes is recorded (the payload all-to-all is the one with the most bytes a row)."""
+    import os
+
+    import torch.distributed as dist
+
+    from automoe.distributed.dispatch import AllToAllDispatcher
+
+    tokens, k = 16, config.num_experts_per_tok
+    weight_dtype = torch.float32 if router.spec.weights_in_fp32 or router.spec.logits_in_fp32 else torch.bfloat16
+    hidden = torch.randn(tokens, config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.stack([torch.randperm(config.num_experts)[:k] for _ in range(tokens)])
+    weights = torch.rand(tokens, k, dtype=weight_dtype, requires_grad=True)
+    calls = {"fwd": [], "bwd": []}
+    phase, original = "fwd", dist.all_to_all_single
+
+    def counting(output, inp, *args, **kwargs):
+        if inp.shape[0]:
+            calls[phase].append(inp[0].numel() * inp.element_size())
+        return original(output, inp, *args, **kwargs)
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.all_to_all_single = counting
+    try:
+        dispatcher = AllToAllDispatcher(config.num_experts, dist.group.WORLD)
+        out, _ = dispatcher(hidden, ids, weights, lambda x, rows: x * 2)
+        phase = "bwd"
+        (out.float().sum() + weights.float().sum()).backward()
+    finally:
+        dist.all_to_all_single = original
+        dist.destroy_process_group()
+    fwd, bwd = calls["fwd"], calls["bwd"]
+    return {"fwd": {"dispatch": max(fwd), "combine": fwd[-1], "calls": len(fwd)},
+            "bwd": {"dispatch": max(bwd), "combine": bwd[0], "calls": len(bwd)}}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def fsdp_bytes(config, world: int) -> dict[str, float]:

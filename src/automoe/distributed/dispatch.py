@@ -3,12 +3,13 @@ experts, and comes back once from each, already summed over that rank's experts.
 
 Same interface as automoe.moe.dispatch.LocalDispatcher, around the same experts module. Experts are split
 contiguously (Shard(0)): rank j of the ep group owns experts [j*E_local, (j+1)*E_local). A token sent to rank j
-carries its top-k ids and weights; rank j expands it to the rows of its own experts (moe.dispatch.expert_rows),
+carries its top-k slots as rank j's local experts (E_local for a slot elsewhere) and its weights, all in one
+all-to-all; rank j expands it to the rows of its own experts (moe.dispatch.expert_rows),
 and the experts sum those rows per token before the result is sent back. Every rank runs the same collectives in
 the same order whatever its routing (a count exchange, then the same all-to-alls, possibly of zero rows), so a
 rank whose tokens reach no expert of some rank cannot hang the others. The split sizes all_to_all needs on the
-host are copied there right after the count exchange and read after the shared experts are queued, so the one
-host wait of a layer does not leave the GPU idle.
+host are copied there right after the count exchange and read after the shared experts and all the routing's
+bookkeeping are queued, so the one host wait of a layer does not leave the GPU idle.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from ..kernels.combine import GatherSum
 from ..moe.dispatch import Dispatched, Dispatcher, expert_rows, token_major
-from .collectives import all_to_all, register_group
+from .collectives import all_to_all, all_to_all_rows, register_group
 
 
 def destination_mask(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
@@ -38,14 +39,25 @@ def rows_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int)
 
 @dataclass
 class _Plan:
+    """What a layer's dispatch needs that depends only on its routing, built before the host waits for the sizes."""
+
     owns: torch.Tensor  # [T, ep] which ranks each token goes to
-    pair_order: torch.Tensor  # [ep * T] the (rank, token) pairs, those that travel first
-    sizes: torch.Tensor  # split sizes on the host (or on their way there)
+    send_token: torch.Tensor  # [ep * T] the token of each (destination, token) pair; the pairs that travel first
+    slot_of_pair: torch.Tensor  # [ep * T, k] int32: each pair's slots as the destination's local experts (E_local: none)
+    offsets: torch.Tensor  # [E_local] int32: the group ends of the rows this rank will compute
+    token_rows: torch.Tensor  # the CSR of each token's pairs, what combine sums (sized for every pair)
+    token_ptr: torch.Tensor
+    sizes: torch.Tensor  # [send splits (ep), receive splits (ep), rows to compute (1)], on the host or on its way
     ready: torch.cuda.Event | None  # recorded after the sizes' copy, on CUDA
 
 
 class AllToAllDispatcher(Dispatcher):
     """Dispatch over the ep process group; the experts see the tokens sent to this rank and their rows.
+
+    A layer runs three all-to-alls forward (the count exchange; each token's hidden state, local expert slots and
+    weights in one; the summed outputs back) and two backward. All the work that needs only the routing runs
+    before the host waits for the split sizes, so while it waits the GPU still has that work queued, and after it
+    the host issues little before the experts' GEMMs.
 
     With `chunks` > 1 the layer's tokens are split in that many chunks, pipelined: on CUDA the all-to-alls run on
     a communication stream, so a chunk travels while the experts compute on the previous one (autograd runs each
@@ -64,16 +76,17 @@ class AllToAllDispatcher(Dispatcher):
         self.num_local = num_experts // self.ep_size
 
     def plan(self, topk_ids: torch.Tensor) -> _Plan:
-        """Count exchange and the destination order of the (token, rank) pairs; the split sizes start their way to
-        the host (non-blocking, into pinned memory) and are read only in dispatch."""
-        ep, num_local = self.ep_size, self.num_local
+        """Count exchange, then everything else the routing alone decides; the split sizes start their way to the
+        host (non-blocking, into pinned memory) and are read only in dispatch."""
+        (num_tokens, top_k), ep, num_local = topk_ids.shape, self.ep_size, self.num_local
         owns = destination_mask(topk_ids, self.num_experts, ep)
         per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_ids.device)
         per_expert.scatter_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids.reshape(-1)))
         # [ep, E_local + 1]: for each destination, rows per expert of its and the token rows sent there
         counts = torch.cat([per_expert.view(ep, num_local), owns.sum(dim=0)[:, None]], dim=1)
-        recv_counts = all_to_all(counts, [1] * ep, [1] * ep, self.group)
-        sizes = torch.cat([counts[:, -1], recv_counts.reshape(-1)])
+        received = all_to_all(counts, [1] * ep, [1] * ep, self.group)
+        rows_per_expert = received[:, :-1].sum(dim=0)
+        sizes = torch.cat([counts[:, -1], received[:, -1], rows_per_expert.sum().view(1)])
         ready = None
         if sizes.is_cuda:
             sizes = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True).copy_(sizes, non_blocking=True)
@@ -81,32 +94,31 @@ class AllToAllDispatcher(Dispatcher):
             ready.record()
         # (destination, token) pairs, destination-major: the pairs that travel first, each destination's in token order
         pair_order = torch.sort(~owns.t().reshape(-1), stable=True).indices
-        return _Plan(owns, pair_order, sizes, ready)
+        send_token = pair_order % num_tokens
+        local = topk_ids[send_token] - (pair_order // num_tokens * num_local)[:, None]
+        slot_of_pair = torch.where((local >= 0) & (local < num_local), local, num_local).to(torch.int32)
+        position = torch.empty_like(pair_order).scatter_(
+            0, pair_order, torch.arange(pair_order.numel(), device=pair_order.device))
+        token_rows, token_ptr = token_major(owns, position.view(ep, num_tokens).t(), ep * num_tokens)
+        offsets = torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)
+        return _Plan(owns, send_token, slot_of_pair, offsets, token_rows, token_ptr, sizes, ready)
 
     def dispatch(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: _Plan | None = None
     ) -> Dispatched:
         plan = self.plan(topk_ids) if plan is None else plan
-        num_tokens, ep, num_local = topk_ids.shape[0], self.ep_size, self.num_local
+        ep = self.ep_size
+        tokens, weights = hidden[plan.send_token], topk_weights[plan.send_token]
         if plan.ready is not None:
-            plan.ready.synchronize()  # the layer's one wait for the host, behind the shared experts
+            plan.ready.synchronize()  # the layer's one wait for the host, behind the work queued above
         sizes = plan.sizes.tolist()
-        send_splits = sizes[:ep]
-        received = torch.tensor(sizes[ep:]).view(ep, num_local + 1)
-        recv_splits = received[:, -1].tolist()
-        num_rows = int(received[:, :-1].sum())
+        send_splits, recv_splits, num_rows = sizes[:ep], sizes[ep : 2 * ep], sizes[-1]
+        tokens, slot_expert, weights = all_to_all_rows(
+            [tokens, plan.slot_of_pair, weights], recv_splits, send_splits, self.group)
+        rows = expert_rows(slot_expert, weights, self.num_local, num_rows, plan.offsets)
         num_pairs = sum(send_splits)
-        send_token = plan.pair_order[:num_pairs] % num_tokens
-        tokens = all_to_all(hidden[send_token], recv_splits, send_splits, self.group)
-        ids = all_to_all(topk_ids[send_token], recv_splits, send_splits, self.group)
-        weights = all_to_all(topk_weights[send_token], recv_splits, send_splits, self.group)
-        local = ids - self.ep_rank * num_local
-        slot_expert = torch.where((local >= 0) & (local < num_local), local, num_local)
-        rows = expert_rows(slot_expert, weights, num_local, num_rows)
-        positions = torch.arange(ep * num_tokens, device=topk_ids.device)
-        position = torch.empty_like(plan.pair_order).scatter_(0, plan.pair_order, positions)
-        token_rows, token_ptr = token_major(plan.owns, position.view(ep, num_tokens).t(), num_pairs)
-        return Dispatched(tokens, rows, (send_token, token_rows, token_ptr, send_splits, recv_splits))
+        state = (plan.send_token[:num_pairs], plan.token_rows[:num_pairs], plan.token_ptr, send_splits, recv_splits)
+        return Dispatched(tokens, rows, state)
 
     def __call__(self, hidden, topk_ids, topk_weights, experts, side=None):
         if self.chunks == 1:

@@ -69,18 +69,23 @@ def token_major(present: torch.Tensor, position: torch.Tensor, num_rows: int) ->
     return token_rows[:num_rows], token_ptr
 
 
-def expert_rows(slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts: int, num_rows: int) -> ExpertRows:
+def expert_rows(
+    slot_expert: torch.Tensor, slot_weight: torch.Tensor, num_experts: int, num_rows: int,
+    offsets: torch.Tensor | None = None,
+) -> ExpertRows:
     """ExpertRows from each token's k slots: slot_expert [N, k] the local expert of each slot, `num_experts` for
     a slot whose expert is elsewhere (it makes no row); slot_weight [N, k]. num_rows: how many slots are rows
     (N * k when every expert is local; then the CSR is built without the scatter, fewer launches on the
-    host-bound forward), known on the host. The sort is stable, so rows of one expert keep token order. No host
-    sync."""
+    host-bound forward), known on the host. offsets: the group ends, where the caller already has them (the
+    expert-parallel dispatcher, from its count exchange). The sort is stable, so rows of one expert keep token
+    order. No host sync."""
     num_tokens, top_k = slot_expert.shape
     flat = slot_expert.reshape(-1)
     order = torch.sort(flat, stable=True).indices
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    offsets = torch.cumsum(counts[:num_experts], dim=0, dtype=torch.int32)
+    if offsets is None:
+        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+        counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+        offsets = torch.cumsum(counts[:num_experts], dim=0, dtype=torch.int32)
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
     if num_rows == flat.numel():  # every slot is a row (all experts here): a token's rows are its k slots
         token_rows, token_ptr = position, torch.arange(0, num_rows + 1, top_k, device=flat.device)
