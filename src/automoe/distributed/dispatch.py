@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..kernels.combine import GatherSum
 from ..moe.dispatch import Dispatched, Dispatcher, expert_rows, token_major
-from .collectives import all_to_all, all_to_all_rows, register_group
+from .collectives import all_to_all, register_group
 
 
 def destination_mask(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
@@ -43,7 +43,7 @@ class _Plan:
 
     owns: torch.Tensor  # [T, ep] which ranks each token goes to
     send_token: torch.Tensor  # [ep * T] the token of each (destination, token) pair; the pairs that travel first
-    slot_of_pair: torch.Tensor  # [ep * T, k] int32: each pair's slots as the destination's local experts (E_local: none)
+    slot_of_pair: torch.Tensor  # [ep * T, k] int32: the slots as the destination's local experts (E_local: elsewhere)
     offsets: torch.Tensor  # [E_local] int32: the group ends of the rows this rank will compute
     token_rows: torch.Tensor  # the CSR of each token's pairs, what combine sums (sized for every pair)
     token_ptr: torch.Tensor
@@ -78,13 +78,13 @@ class AllToAllDispatcher(Dispatcher):
     def plan(self, topk_ids: torch.Tensor) -> _Plan:
         """Count exchange, then everything else the routing alone decides; the split sizes start their way to the
         host (non-blocking, into pinned memory) and are read only in dispatch."""
-        (num_tokens, top_k), ep, num_local = topk_ids.shape, self.ep_size, self.num_local
+        num_tokens, ep, num_local = topk_ids.shape[0], self.ep_size, self.num_local
         owns = destination_mask(topk_ids, self.num_experts, ep)
         per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_ids.device)
         per_expert.scatter_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids.reshape(-1)))
         # [ep, E_local + 1]: for each destination, rows per expert of its and the token rows sent there
         counts = torch.cat([per_expert.view(ep, num_local), owns.sum(dim=0)[:, None]], dim=1)
-        received = all_to_all(counts, [1] * ep, [1] * ep, self.group)
+        (received,) = all_to_all([counts], [1] * ep, [1] * ep, self.group)
         rows_per_expert = received[:, :-1].sum(dim=0)
         sizes = torch.cat([counts[:, -1], received[:, -1], rows_per_expert.sum().view(1)])
         ready = None
@@ -113,7 +113,7 @@ class AllToAllDispatcher(Dispatcher):
             plan.ready.synchronize()  # the layer's one wait for the host, behind the work queued above
         sizes = plan.sizes.tolist()
         send_splits, recv_splits, num_rows = sizes[:ep], sizes[ep : 2 * ep], sizes[-1]
-        tokens, slot_expert, weights = all_to_all_rows(
+        tokens, slot_expert, weights = all_to_all(
             [tokens, plan.slot_of_pair, weights], recv_splits, send_splits, self.group)
         rows = expert_rows(slot_expert, weights, self.num_local, num_rows, plan.offsets)
         num_pairs = sum(send_splits)
@@ -139,7 +139,7 @@ class AllToAllDispatcher(Dispatcher):
 
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         send_token, token_rows, token_ptr, send_splits, recv_splits = dispatched.state
-        back = all_to_all(expert_out, send_splits, recv_splits, self.group)
+        (back,) = all_to_all([expert_out], send_splits, recv_splits, self.group)
         return GatherSum.apply(back, send_token, token_rows, token_ptr, "auto")
 
 
