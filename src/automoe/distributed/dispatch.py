@@ -20,15 +20,9 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.combine import GatherSum
-from ..moe.dispatch import Dispatched, Dispatcher, expert_rows, token_major
+from ..kernels.ep_plan import PairPlan, destination_mask, pair_plan, route_counts
+from ..moe.dispatch import Dispatched, Dispatcher, expert_rows
 from .collectives import all_to_all, register_group
-
-
-def destination_mask(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
-    """[T, ep_size] bool: which ranks own at least one expert of each token."""
-    owner = topk_ids // (num_experts // ep_size)
-    mask = torch.zeros(topk_ids.shape[0], ep_size, dtype=torch.bool, device=topk_ids.device)
-    return mask.scatter_(1, owner, True)
 
 
 def rows_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int) -> torch.Tensor:
@@ -41,13 +35,8 @@ def rows_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int)
 class _Plan:
     """What a layer's dispatch needs that depends only on its routing, built before the host waits for the sizes."""
 
-    owns: torch.Tensor  # [T, ep] which ranks each token goes to
-    send_token: torch.Tensor  # [ep * T] the token of each (destination, token) pair; the pairs that travel first
-    slot_of_pair: torch.Tensor  # [ep * T, k] int32: the slots as the destination's local experts (E_local: elsewhere)
-    offsets: torch.Tensor  # [E_local] int32: the group ends of the rows this rank will compute
-    token_rows: torch.Tensor  # the CSR of each token's pairs, what combine sums (sized for every pair)
-    token_ptr: torch.Tensor
-    sizes: torch.Tensor  # [send splits (ep), receive splits (ep), rows to compute (1)], on the host or on its way
+    pairs: PairPlan
+    sizes: torch.Tensor  # pairs.sizes on the host, or on its way there (CUDA)
     ready: torch.cuda.Event | None  # recorded after the sizes' copy, on CUDA
 
 
@@ -76,48 +65,35 @@ class AllToAllDispatcher(Dispatcher):
         self.num_local = num_experts // self.ep_size
 
     def plan(self, topk_ids: torch.Tensor) -> _Plan:
-        """Count exchange, then everything else the routing alone decides; the split sizes start their way to the
-        host (non-blocking, into pinned memory) and are read only in dispatch."""
-        num_tokens, ep, num_local = topk_ids.shape[0], self.ep_size, self.num_local
-        owns = destination_mask(topk_ids, self.num_experts, ep)
-        per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=topk_ids.device)
-        per_expert.scatter_add_(0, topk_ids.reshape(-1), torch.ones_like(topk_ids.reshape(-1)))
-        # [ep, E_local + 1]: for each destination, rows per expert of its and the token rows sent there
-        counts = torch.cat([per_expert.view(ep, num_local), owns.sum(dim=0)[:, None]], dim=1)
-        (received,) = all_to_all([counts], [1] * ep, [1] * ep, self.group)
-        rows_per_expert = received[:, :-1].sum(dim=0)
-        sizes = torch.cat([counts[:, -1], received[:, -1], rows_per_expert.sum().view(1)])
-        ready = None
+        """Count exchange, then everything else the routing alone decides (kernels.ep_plan: one launch each side
+        of the exchange on CUDA); the split sizes start their way to the host (non-blocking, into pinned memory)
+        and are read only in dispatch."""
+        counts, owns = route_counts(topk_ids, self.num_experts, self.ep_size)
+        (received,) = all_to_all([counts], [1] * self.ep_size, [1] * self.ep_size, self.group)
+        pairs = pair_plan(topk_ids, owns, counts, received)
+        sizes, ready = pairs.sizes, None
         if sizes.is_cuda:
             sizes = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True).copy_(sizes, non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
-        # (destination, token) pairs, destination-major: the pairs that travel first, each destination's in token order
-        pair_order = torch.sort(~owns.t().reshape(-1), stable=True).indices
-        send_token = pair_order % num_tokens
-        local = topk_ids[send_token] - (pair_order // num_tokens * num_local)[:, None]
-        slot_of_pair = torch.where((local >= 0) & (local < num_local), local, num_local).to(torch.int32)
-        position = torch.empty_like(pair_order).scatter_(
-            0, pair_order, torch.arange(pair_order.numel(), device=pair_order.device))
-        token_rows, token_ptr = token_major(owns, position.view(ep, num_tokens).t(), ep * num_tokens)
-        offsets = torch.cumsum(rows_per_expert, dim=0, dtype=torch.int32)
-        return _Plan(owns, send_token, slot_of_pair, offsets, token_rows, token_ptr, sizes, ready)
+        return _Plan(pairs, sizes, ready)
 
     def dispatch(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: _Plan | None = None
     ) -> Dispatched:
         plan = self.plan(topk_ids) if plan is None else plan
-        ep = self.ep_size
-        tokens, weights = hidden[plan.send_token], topk_weights[plan.send_token]
+        ep, pairs = self.ep_size, plan.pairs
+        tokens, weights = hidden[pairs.send_token], topk_weights[pairs.send_token]
         if plan.ready is not None:
             plan.ready.synchronize()  # the layer's one wait for the host, behind the work queued above
         sizes = plan.sizes.tolist()
         send_splits, recv_splits, num_rows = sizes[:ep], sizes[ep : 2 * ep], sizes[-1]
         tokens, slot_expert, weights = all_to_all(
-            [tokens, plan.slot_of_pair, weights], recv_splits, send_splits, self.group)
-        rows = expert_rows(slot_expert, weights, self.num_local, num_rows, plan.offsets)
+            [tokens, pairs.slot_of_pair, weights], recv_splits, send_splits, self.group)
+        rows = expert_rows(slot_expert, weights, self.num_local, num_rows, pairs.offsets)
         num_pairs = sum(send_splits)
-        state = (plan.send_token[:num_pairs], plan.token_rows[:num_pairs], plan.token_ptr, send_splits, recv_splits)
+        state = (pairs.send_token[:num_pairs], pairs.token_rows[:num_pairs], pairs.token_ptr, send_splits,
+                 recv_splits)
         return Dispatched(tokens, rows, state)
 
     def __call__(self, hidden, topk_ids, topk_weights, experts, side=None):
