@@ -511,8 +511,9 @@ def markdown(report: dict) -> str:
     pay = report["payload"]
     lines += [
         "",
-        f"Bytes per row (from the tensors the dispatcher sends): forward dispatch {pay['fwd']['dispatch']} "
-        f"(hidden bf16 + top-k ids int64 + top-k weights), combine {pay['fwd']['combine']}; backward "
+        f"Bytes per row (counted from the all-to-alls the dispatcher makes): forward dispatch {pay['fwd']['dispatch']} "
+        f"(hidden bf16 + top-k slots int32 + top-k weights, packed into one all-to-all), combine "
+        f"{pay['fwd']['combine']}; backward "
         f"{pay['bwd']['dispatch']} and {pay['bwd']['combine']}; all-to-alls per layer: {pay['fwd']['calls']} "
         f"forward (the count exchange included), {pay['bwd']['calls']} backward. The balanced router gives token "
         "i the k consecutive experts (i*k + j) % E, which at E/ep >= k lie on one rank: every token travels once, "
