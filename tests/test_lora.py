@@ -54,7 +54,7 @@ def every_expert_routing(num_tokens: int, top_k: int, num_experts: int) -> tuple
 def expert_adapters(wrapper, spec):
     """(the experts under peft's wrappers, gate/up factors, down factors) in fp32."""
     base, wrappers = split_param_wrappers(wrapper)
-    return (base, *adapter_factors(wrappers, spec, torch.float32))
+    return (base, *adapter_factors(wrappers, spec, torch.float32, spec.num_experts))
 
 
 def moe_experts(peft_model):
@@ -332,3 +332,58 @@ def test_finetune_lora_section_exports_adapter_and_merged_model_and_resumes(tmp_
     finetune_lora(tmp_path / "full", 6, resume=True, **{"train.log_every": 1})
     resumed = logged_losses(tmp_path / "full")  # the resumed run's steps 4-6 are logged last
     assert all(abs(resumed[s] - full[s]) <= 1e-5 * abs(full[s]) for s in (4, 5, 6)), (full, resumed)
+
+
+
+def ep_lora_parity(paths: dict) -> None:
+    """A scenario of tests/test_distributed_ep.py's two-rank run (its processes, so no extra start-up): automoe +
+    peft at ep 2, each rank its own rows, against HF eager + peft on the concatenated batch. Each rank holds its
+    experts' adapters (peft's layout for those experts); loss and every adapter gradient (experts and attention)
+    match; the adapter saved after an AdamW step loads into plain HF + peft with the EP model's logits and the
+    reference's after the same step."""
+    import os
+
+    import torch.distributed as dist
+
+    from automoe import create_distributed_setup_from_config
+    from automoe.distributed.adapters import distribute_adapters
+
+    path, out = paths["qwen3_moe"], os.path.join(paths["tmp"], "ep-adapter")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    setup = create_distributed_setup_from_config({"ep_size": world})
+    torch.manual_seed(rank)  # peft draws different adapters on each rank: distribute_adapters keeps rank 0's
+    ours = get_peft_model(AutoMoEForCausalLM.from_pretrained(path, distributed_setup=setup, dtype=torch.float32),
+                          lora_config())
+    distribute_adapters(ours, setup)
+    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager"), lora_config())
+    params, ref_params = trainable(ours), trainable(ref)
+    assert {n: p.shape for n, p in params.items()} == {n: p.shape for n, p in ref_params.items()}
+    sharded = {n: p for n, p in params.items() if "experts" in n}
+    assert sharded and all(p.to_local().numel() * world == p.numel() for p in sharded.values())
+    with torch.no_grad():
+        for name, param in params.items():
+            ref_params[name].copy_(param.full_tensor() if name in sharded else param)
+    ids = torch.randint(3, ours.config.vocab_size, (2 * world, 8), generator=torch.Generator().manual_seed(7))
+    mine = ids[2 * rank: 2 * rank + 2]
+    loss = ours(input_ids=mine, labels=mine).loss
+    loss.backward()
+    ref_loss = ref(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    assert rel(mean / world, ref_loss) < 1e-4
+    for name, param in params.items():
+        grad = param.grad.full_tensor() if name in sharded else param.grad
+        assert rel(grad, ref_params[name].grad) < 1e-3, f"gradient of {name}"
+    for model in (ours, ref):
+        torch.optim.AdamW(trainable(model).values(), lr=1e-2).step()
+    ours.eval()
+    with torch.no_grad():
+        logits = ours(input_ids=mine).logits
+    ours.save_pretrained(out)
+    if rank == 0:
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager"),
+                                          out).eval()
+        with torch.no_grad():
+            assert rel(plain(input_ids=mine).logits, logits) < 1e-4
+            assert rel(plain(input_ids=ids).logits, ref.eval()(input_ids=ids).logits) < 1e-4
