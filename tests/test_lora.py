@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import shutil
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tiny_configs import make_config
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM
@@ -253,12 +255,26 @@ def test_adapter_loads_into_plain_hf_peft_and_merges(checkpoint, tmp_path):
         assert rel(reloaded(input_ids=ids).logits, logits) < 1e-4
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops (by name) run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_lora_bench_model_checkpointing_and_fewer_layers():
-    """The --lora bench's model: automoe + peft built without transformers' init; activation checkpointing gives
-    the same loss and adapter gradients; dropping layers leaves a smaller model that still trains."""
+    """The --lora bench's model: automoe + peft built without transformers' init; every activation checkpointing
+    mode gives the same loss and adapter gradients and recomputes what it says in backward (attention: the
+    attention kernel but no expert GEMM; layer and sac: one more forward's expert GEMMs); dropping layers leaves
+    a smaller model that still trains."""
     import argparse
 
-    from automoe.bench.lora import build, keep_layers, set_checkpointing
+    from automoe.bench.lora import AC_MODES, build, keep_layers, set_checkpointing
     from automoe.bench.workload import make_config as bench_config
 
     config = bench_config("tiny")
@@ -272,15 +288,23 @@ def test_lora_bench_model_checkpointing_and_fewer_layers():
     ids = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads():
-        loss = model(input_ids=ids, labels=ids).loss
-        grads = torch.autograd.grad(loss, list(trainable(model).values()))
-        return loss.detach(), grads
+        with OpCounter() as forward:
+            loss = model(input_ids=ids, labels=ids).loss
+        with OpCounter() as backward:
+            grads = torch.autograd.grad(loss, list(trainable(model).values()))
+        return loss.detach(), grads, forward.counts, backward.counts
 
-    loss, grads = loss_and_grads()
-    set_checkpointing(model, True)
-    loss_ac, grads_ac = loss_and_grads()
-    assert rel(loss_ac, loss) < 1e-3
-    assert all(rel(a, b) < 1e-2 for a, b in zip(grads_ac, grads, strict=True))
+    loss, grads, forward, backward = loss_and_grads()
+    attention_op = next(op for op in forward if "scaled_dot_product" in op)
+    for mode in AC_MODES[1:]:
+        set_checkpointing(model, mode)
+        loss_ac, grads_ac, _, backward_ac = loss_and_grads()
+        assert rel(loss_ac, loss) < 1e-3, mode
+        assert all(rel(a, b) < 1e-2 for a, b in zip(grads_ac, grads, strict=True)), mode
+        assert backward_ac[attention_op] == backward[attention_op] + forward[attention_op], mode
+        recomputed = forward["_grouped_mm"] if mode != "attention" else 0
+        assert backward_ac["_grouped_mm"] == backward["_grouped_mm"] + recomputed, mode
+    set_checkpointing(model, "off")
     before = len(trainable(model))
     keep_layers(model, 1)
     assert len(model.get_base_model().model.layers) == 1 and len(trainable(model)) == before // 2
