@@ -96,8 +96,9 @@ def set_checkpointing(model, mode: str) -> None:
                  process: the recomputation reruns the router, which on one device routes as the forward did;
       sac        each whole layer under the distributed setup's selective checkpoint ("full": the router's top-k
                  kept, everything else recomputed). Its dispatch mode runs Python on every op of the forward and of
-                 the recomputation, which made the step x2.4 slower on the H200 instead of the x1.3 a recomputed
-                 forward costs; it is the mode that expert parallelism needs (no all-to-all is rerun)."""
+                 the recomputation (on CPU its forward takes 2.6x a plain one), the likely cause of the x2.4 step
+                 measured with it on the H200 where a recomputed forward should cost x1.3; it is the mode expert
+                 parallelism needs (no all-to-all is rerun)."""
     if mode not in AC_MODES:
         raise ValueError(f"activation checkpointing {mode!r}: choose one of {AC_MODES}")
     from torch.utils.checkpoint import checkpoint
