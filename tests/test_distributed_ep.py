@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_lora import ep_lora_parity
 from tiny_configs import make_config
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
@@ -296,7 +297,7 @@ def _bad_setups(paths: dict) -> None:
 
 
 SCENARIOS = {"parity": _parity, "matrix": _matrix, "skewed": _skewed, "reads": _reads, "from_config": _from_config,
-             "bad_setups": _bad_setups}
+             "bad_setups": _bad_setups, "lora": ep_lora_parity}
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +340,7 @@ def test_two_ranks(paths):
         ("reads", dict(ep=2)),
         ("from_config", dict(ep=2)),
         ("bad_setups", {}),
+        ("lora", {}),
     ], paths)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import shutil
 
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tiny_configs import make_config
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM
@@ -54,7 +56,7 @@ def every_expert_routing(num_tokens: int, top_k: int, num_experts: int) -> tuple
 def expert_adapters(wrapper, spec):
     """(the experts under peft's wrappers, gate/up factors, down factors) in fp32."""
     base, wrappers = split_param_wrappers(wrapper)
-    return (base, *adapter_factors(wrappers, spec, torch.float32))
+    return (base, *adapter_factors(wrappers, spec, torch.float32, spec.num_experts))
 
 
 def moe_experts(peft_model):
@@ -253,12 +255,26 @@ def test_adapter_loads_into_plain_hf_peft_and_merges(checkpoint, tmp_path):
         assert rel(reloaded(input_ids=ids).logits, logits) < 1e-4
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops (by name) run under it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_lora_bench_model_checkpointing_and_fewer_layers():
-    """The --lora bench's model: automoe + peft built without transformers' init; activation checkpointing gives
-    the same loss and adapter gradients; dropping layers leaves a smaller model that still trains."""
+    """The --lora bench's model: automoe + peft built without transformers' init; every activation checkpointing
+    mode gives the same loss and adapter gradients and recomputes what it says in backward (attention: the
+    attention kernel but no expert GEMM; layer and sac: one more forward's expert GEMMs); dropping layers leaves
+    a smaller model that still trains."""
     import argparse
 
-    from automoe.bench.lora import build, keep_layers, set_checkpointing
+    from automoe.bench.lora import AC_MODES, build, keep_layers, set_checkpointing
     from automoe.bench.workload import make_config as bench_config
 
     config = bench_config("tiny")
@@ -272,15 +288,23 @@ def test_lora_bench_model_checkpointing_and_fewer_layers():
     ids = torch.randint(0, config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
 
     def loss_and_grads():
-        loss = model(input_ids=ids, labels=ids).loss
-        grads = torch.autograd.grad(loss, list(trainable(model).values()))
-        return loss.detach(), grads
+        with OpCounter() as forward:
+            loss = model(input_ids=ids, labels=ids).loss
+        with OpCounter() as backward:
+            grads = torch.autograd.grad(loss, list(trainable(model).values()))
+        return loss.detach(), grads, forward.counts, backward.counts
 
-    loss, grads = loss_and_grads()
-    set_checkpointing(model, True)
-    loss_ac, grads_ac = loss_and_grads()
-    assert rel(loss_ac, loss) < 1e-3
-    assert all(rel(a, b) < 1e-2 for a, b in zip(grads_ac, grads, strict=True))
+    loss, grads, forward, backward = loss_and_grads()
+    attention_op = next(op for op in forward if "scaled_dot_product" in op)
+    for mode in AC_MODES[1:]:
+        set_checkpointing(model, mode)
+        loss_ac, grads_ac, _, backward_ac = loss_and_grads()
+        assert rel(loss_ac, loss) < 1e-3, mode
+        assert all(rel(a, b) < 1e-2 for a, b in zip(grads_ac, grads, strict=True)), mode
+        assert backward_ac[attention_op] == backward[attention_op] + forward[attention_op], mode
+        recomputed = forward["_grouped_mm"] if mode != "attention" else 0
+        assert backward_ac["_grouped_mm"] == backward["_grouped_mm"] + recomputed, mode
+    set_checkpointing(model, "off")
     before = len(trainable(model))
     keep_layers(model, 1)
     assert len(model.get_base_model().model.layers) == 1 and len(trainable(model)) == before // 2
@@ -332,3 +356,58 @@ def test_finetune_lora_section_exports_adapter_and_merged_model_and_resumes(tmp_
     finetune_lora(tmp_path / "full", 6, resume=True, **{"train.log_every": 1})
     resumed = logged_losses(tmp_path / "full")  # the resumed run's steps 4-6 are logged last
     assert all(abs(resumed[s] - full[s]) <= 1e-5 * abs(full[s]) for s in (4, 5, 6)), (full, resumed)
+
+
+
+def ep_lora_parity(paths: dict) -> None:
+    """A scenario of tests/test_distributed_ep.py's two-rank run (its processes, so no extra start-up): automoe +
+    peft at ep 2, each rank its own rows, against HF eager + peft on the concatenated batch. Each rank holds its
+    experts' adapters (peft's layout for those experts); loss and every adapter gradient (experts and attention)
+    match; the adapter saved after an AdamW step loads into plain HF + peft with the EP model's logits and the
+    reference's after the same step."""
+    import os
+
+    import torch.distributed as dist
+
+    from automoe import create_distributed_setup_from_config
+    from automoe.distributed.adapters import distribute_adapters
+
+    path, out = paths["qwen3_moe"], os.path.join(paths["tmp"], "ep-adapter")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    setup = create_distributed_setup_from_config({"ep_size": world})
+    torch.manual_seed(rank)  # peft draws different adapters on each rank: distribute_adapters keeps rank 0's
+    ours = get_peft_model(AutoMoEForCausalLM.from_pretrained(path, distributed_setup=setup, dtype=torch.float32),
+                          lora_config())
+    distribute_adapters(ours, setup)
+    ref = get_peft_model(AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager"), lora_config())
+    params, ref_params = trainable(ours), trainable(ref)
+    assert {n: p.shape for n, p in params.items()} == {n: p.shape for n, p in ref_params.items()}
+    sharded = {n: p for n, p in params.items() if "experts" in n}
+    assert sharded and all(p.to_local().numel() * world == p.numel() for p in sharded.values())
+    with torch.no_grad():
+        for name, param in params.items():
+            ref_params[name].copy_(param.full_tensor() if name in sharded else param)
+    ids = torch.randint(3, ours.config.vocab_size, (2 * world, 8), generator=torch.Generator().manual_seed(7))
+    mine = ids[2 * rank: 2 * rank + 2]
+    loss = ours(input_ids=mine, labels=mine).loss
+    loss.backward()
+    ref_loss = ref(input_ids=ids, labels=ids).loss
+    ref_loss.backward()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    assert rel(mean / world, ref_loss) < 1e-4
+    for name, param in params.items():
+        grad = param.grad.full_tensor() if name in sharded else param.grad
+        assert rel(grad, ref_params[name].grad) < 1e-3, f"gradient of {name}"
+    for model in (ours, ref):
+        torch.optim.AdamW(trainable(model).values(), lr=1e-2).step()
+    ours.eval()
+    with torch.no_grad():
+        logits = ours(input_ids=mine).logits
+    ours.save_pretrained(out)
+    if rank == 0:
+        plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, experts_implementation="eager"),
+                                          out).eval()
+        with torch.no_grad():
+            assert rel(plain(input_ids=mine).logits, logits) < 1e-4
+            assert rel(plain(input_ids=ids).logits, ref.eval()(input_ids=ids).logits) < 1e-4

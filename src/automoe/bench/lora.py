@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import os
@@ -82,14 +83,36 @@ def keep_layers(model, layers: int) -> None:
         torch.cuda.empty_cache()
 
 
-def set_checkpointing(model, on: bool) -> None:
-    """automoe's activation checkpointing ("full": router outputs kept, everything else recomputed)."""
+# activation checkpointing modes, cheapest recomputation first (see set_checkpointing)
+AC_MODES = ("off", "attention", "layer", "sac")
+
+
+def set_checkpointing(model, mode: str) -> None:
+    """Activation checkpointing of the decoder layers, in place; `mode` one of AC_MODES:
+      attention  only each layer's attention module is recomputed (its peft LoRA included); the MoE block is not
+                 checkpointed: its fused experts already keep only their input, the rows, the gate/up output and
+                 the rank-r products, and nothing is rerouted;
+      layer      each whole layer under a plain non-reentrant checkpoint, as `automoe finetune` checkpoints on one
+                 process: the recomputation reruns the router, which on one device routes as the forward did;
+      sac        each whole layer under the distributed setup's selective checkpoint ("full": the router's top-k
+                 kept, everything else recomputed). Its dispatch mode runs Python on every op of the forward and of
+                 the recomputation (on CPU its forward takes 2.6x a plain one), the likely cause of the x2.4 step
+                 measured with it on the H200 where a recomputed forward should cost x1.3; it is the mode expert
+                 parallelism needs (no all-to-all is rerun)."""
+    if mode not in AC_MODES:
+        raise ValueError(f"activation checkpointing {mode!r}: choose one of {AC_MODES}")
+    from torch.utils.checkpoint import checkpoint
+
     from ..distributed.parallelize import checkpoint_function, decoder_layers
 
-    function = checkpoint_function("full")
+    plain = functools.partial(checkpoint, use_reentrant=False)
     for layer in decoder_layers(model):
-        layer.gradient_checkpointing = on
-        layer._gradient_checkpointing_func = function
+        layer.gradient_checkpointing = mode in ("layer", "sac")
+        layer._gradient_checkpointing_func = checkpoint_function("full") if mode == "sac" else plain
+        attention = layer.self_attn
+        attention.__dict__.pop("forward", None)
+        if mode == "attention":
+            attention.forward = functools.partial(plain, functools.partial(type(attention).forward, attention))
 
 
 def optimizer_for(column: str, model, kernels: str) -> torch.optim.Optimizer:
@@ -134,15 +157,14 @@ class Worker:
         self.config = make_config(args.workload, args.layers)
         self.result: dict = {"column": column, "runs": []}
 
-    def run_one(self, model, optimizer, seq: int, checkpointing: bool, warmup: int, steps: int) -> dict:
+    def run_one(self, model, optimizer, seq: int, checkpointing: str, warmup: int, steps: int) -> dict:
         tokens = tokens_for(self.config.vocab_size, 1, seq, self.args.seed, self.device)
         run = try_measure(model, optimizer, tokens, warmup, steps)
         run.update(layers=self.config.num_hidden_layers, checkpointing=checkpointing,
                    weights_gib=self.weights_gib)
         self.result["runs"].append(run)
         self.out.write_text(json.dumps(self.result))
-        ac = "with" if checkpointing else "no"
-        print(f"[{self.column}+peft] {run['layers']} layers, seq {seq}, {ac} activation checkpointing: "
+        print(f"[{self.column}+peft] {run['layers']} layers, seq {seq}, activation checkpointing {checkpointing}: "
               f"{describe(run)}", flush=True)
         return run
 
@@ -160,29 +182,28 @@ class Worker:
             if layers < self.config.num_hidden_layers:
                 keep_layers(model, layers)
                 self.weights_gib = allocated_gib(self.device)
-            run = self.run_one(model, optimizer_for("v5", model, self.args.kernels), self.args.seq, False,
+            run = self.run_one(model, optimizer_for("v5", model, self.args.kernels), self.args.seq, "off",
                                self.args.warmup, self.args.steps)
             if not run.get("oom"):
                 return
 
     def automoe_full(self) -> None:
-        """The workload's layers: --seq without, then with activation checkpointing doubling up to --max-seq."""
+        """The workload's layers at --seq without checkpointing and in the `attention` and `layer` modes, then
+        `layer` doubling the sequence up to --max-seq (the longest sequence it trains)."""
         model = self.build(self.config.num_hidden_layers)
         optimizer = optimizer_for("automoe", model, self.args.kernels)
-        self.run_one(model, optimizer, self.args.seq, False, self.args.warmup, self.args.steps)
-        set_checkpointing(model, True)
-        seq = self.args.seq
-        while seq <= max(self.args.max_seq, self.args.seq):
-            first = seq == self.args.seq
-            run = self.run_one(model, optimizer, seq, True, self.args.warmup if first else 1,
-                               self.args.steps if first else 2)
-            if run.get("oom"):
+        for mode in ("off", "attention", "layer"):
+            set_checkpointing(model, mode)
+            self.run_one(model, optimizer, self.args.seq, mode, self.args.warmup, self.args.steps)
+        seq = 2 * self.args.seq
+        while seq <= self.args.max_seq:
+            if self.run_one(model, optimizer, seq, "layer", 1, 2).get("oom"):
                 return
             seq *= 2
 
     def automoe_layers(self, layers: int) -> None:
         model = self.build(layers)
-        self.run_one(model, optimizer_for("automoe", model, self.args.kernels), self.args.seq, False,
+        self.run_one(model, optimizer_for("automoe", model, self.args.kernels), self.args.seq, "off",
                      self.args.warmup, self.args.steps)
 
 
@@ -229,16 +250,15 @@ def summary(v5: dict, full: dict, matched: dict, seq: int) -> list[str]:
     top = max(v5_runs, default=None)
     if top is not None:
         lines.append(f"v5 + peft, {top} layers, seq {seq}: {describe(v5_runs[top])}")
-    plain = [r for r in full["runs"] if not r["checkpointing"]]
-    ac = [r for r in full["runs"] if r["checkpointing"]]
-    if plain:
-        lines.append(f"automoe + peft, {plain[0]['layers']} layers, seq {seq}, no checkpointing: "
-                     f"{describe(plain[0])} (target >= 12,000 step TPS)")
-    if ac:
-        lines.append(f"automoe + peft, {ac[0]['layers']} layers, seq {seq}, activation checkpointing: "
-                     f"{describe(ac[0])} (target peak <= 70 GiB)")
-        trained = [r["seq"] for r in ac if not r.get("oom")]
-        lines.append(f"automoe + peft longest sequence (checkpointing, batch 1): {max(trained, default='none')} "
+    at_seq = [r for r in full["runs"] if r["seq"] == seq]
+    for run in at_seq:
+        target = "target >= 12,000 step TPS" if run["checkpointing"] == "off" else "target peak <= 70 GiB"
+        lines.append(f"automoe + peft, {run['layers']} layers, seq {seq}, activation checkpointing "
+                     f"{run['checkpointing']}: {describe(run)} ({target} in some configuration)")
+    longest = [r for r in full["runs"] if r["checkpointing"] == "layer"]
+    if longest:
+        trained = [r["seq"] for r in longest if not r.get("oom")]
+        lines.append(f"automoe + peft longest sequence (layer checkpointing, batch 1): {max(trained, default='none')} "
                      "(target >= 32768)")
     v5_fit, ours = fitted(v5), fitted(matched)
     if v5_fit and ours:

@@ -15,7 +15,8 @@ every other weight is FSDP2-sharded over the whole data-parallel world. Each ran
 safetensors files, and the checkpoint it saves has transformers' per-expert keys.
 """
 
+from .adapters import distribute_adapters
 from .grad_norm import clip_grad_norm_
 from .setup import DistributedSetup, create_distributed_setup_from_config
 
-__all__ = ["DistributedSetup", "clip_grad_norm_", "create_distributed_setup_from_config"]
+__all__ = ["DistributedSetup", "clip_grad_norm_", "create_distributed_setup_from_config", "distribute_adapters"]

@@ -106,15 +106,10 @@ class Experts(nn.Module):
         return summed.index_add(0, rows.token_of_row, weighted)
 
     def _lora_factors(self, adapters: dict[str, nn.Module]) -> tuple:
-        from .lora import adapter_factors
+        from .lora import adapter_factors, local_tensor
 
-        first = self._parameters[self.spec.tensor_names[0]]
-        if isinstance(first, DTensor):
-            raise NotImplementedError(
-                "automoe: LoRA on the experts under expert parallelism (ep_size > 1) is not supported yet; train "
-                "with ep_size 1, or target attention/shared experts only (drop target_parameters)."
-            )
-        return adapter_factors(adapters, self.spec, first.dtype)
+        first = local_tensor(self._parameters[self.spec.tensor_names[0]])
+        return adapter_factors(adapters, self.spec, first.dtype, first.shape[0])
 
     def _grouped(self, xs, rows, w1, w2, b1, b2, lora) -> torch.Tensor:
         (a1, f1), (a2, f2) = (pair or (None, None) for pair in lora)

@@ -7,7 +7,9 @@ expert e's A_e) and lora_B [out, r*E] (column j*E + e is column j of expert e's 
 is scaling * B_e @ A_e in the [out, in] sense, whichever way the parameter itself is stored (peft reads the
 experts' `is_transposed`). The block keeps peft's modules, names and tensors as they are (so save_pretrained,
 loading into plain HF + peft and merge_and_unload see what they see on the HF model) and only reads the factors
-from them, as views, in grouped_mm's orientation: a [E, in, r] and b [E, r, out], scaling folded into b.
+from them, as views, in grouped_mm's orientation: a [E, in, r] and b [E, r, out], scaling folded into b. Under expert
+parallelism (distributed.adapters) lora_A and lora_B are DTensors whose local shards are this same layout for the
+rank's own experts, and the factors are read from those shards.
 The projection math (`project` and its gradients) is shared by the fused Function (kernels.moe.RoutedExperts) and
 the composed path of Experts: on the routed rows a projection is y = x W_e + (x a_e) b_e, two grouped GEMMs of rank
 r beside the base one, never W + B·A; the rank-r product x a_e is all the Function keeps for backward ([rows, r],
@@ -21,6 +23,7 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .grouped_mm import grouped_mm as _grouped_mm
 from .spec import ExpertsSpec
@@ -90,9 +93,16 @@ def projection_dims(spec: ExpertsSpec, name: str) -> tuple[int, int]:
     return (hidden, 2 * inter) if name == "gate_up_proj" else (inter, hidden)
 
 
-def lora_factors(wrapper: nn.Module, spec: ExpertsSpec, dtype: torch.dtype) -> LoraFactors | None:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (expert adapters under expert parallelism,
+    distributed.adapters), the tensor itself otherwise."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def lora_factors(wrapper: nn.Module, spec: ExpertsSpec, dtype: torch.dtype, num_experts: int) -> LoraFactors | None:
     """(a [E, in, r], b [E, r, out]) of the wrapper's active, unmerged adapters (several sum: their ranks are
-    concatenated), in `dtype`, or None when peft would add nothing (adapters disabled, merged or none active)."""
+    concatenated) for the `num_experts` experts this rank computes, in `dtype`, or None when peft would add
+    nothing (adapters disabled, merged or none active)."""
     if wrapper.disable_adapters or wrapper.merged:
         return None
     adapters = [name for name in wrapper.active_adapters if name in wrapper.lora_A]
@@ -106,11 +116,18 @@ def lora_factors(wrapper: nn.Module, spec: ExpertsSpec, dtype: torch.dtype) -> L
             f"experts compute {dims}: the adapter was made for another layout (a model whose experts module did not "
             "declare is_transposed). Build the peft model from an automoe model of this version."
         )
-    num_experts, (fan_in, fan_out) = wrapper.num_experts, dims
+    fan_in, fan_out = dims
     a_parts, b_parts = [], []
     for adapter in adapters:
-        lora_a, lora_b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
-        rank = lora_a.shape[0] // num_experts
+        lora_a, lora_b = local_tensor(wrapper.lora_A[adapter].weight), local_tensor(wrapper.lora_B[adapter].weight)
+        rank = wrapper.r[adapter]
+        if lora_a.shape[0] != num_experts * rank:
+            raise ValueError(
+                f"peft's LoRA on experts.{name} holds {lora_a.shape[0] // rank} experts' factors here but this rank "
+                f"computes {num_experts} experts (expert parallelism): after get_peft_model, and before building the "
+                "optimizer, call automoe.distributed.distribute_adapters(model, setup), which gives each rank its "
+                "experts' adapters."
+            )
         a_parts.append(lora_a.view(num_experts, rank, fan_in).transpose(1, 2))
         b_parts.append(lora_b.view(fan_out, rank, num_experts).permute(2, 1, 0) * wrapper.scaling[adapter])
     a, b = torch.cat(a_parts, dim=2).to(dtype), torch.cat(b_parts, dim=1).to(dtype)
@@ -121,9 +138,11 @@ def lora_factors(wrapper: nn.Module, spec: ExpertsSpec, dtype: torch.dtype) -> L
 
 
 def adapter_factors(
-    wrappers: dict[str, nn.Module], spec: ExpertsSpec, dtype: torch.dtype
+    wrappers: dict[str, nn.Module], spec: ExpertsSpec, dtype: torch.dtype, num_experts: int
 ) -> tuple[LoraFactors | None, LoraFactors | None]:
-    """(gate/up factors or None, down factors or None) from `split_param_wrappers`' wrappers."""
+    """(gate/up factors or None, down factors or None) from `split_param_wrappers`' wrappers, for the
+    `num_experts` experts this rank computes."""
     return tuple(  # type: ignore[return-value]
-        lora_factors(wrappers[name], spec, dtype) if name in wrappers else None for name in ADAPTED_PARAMETERS
+        lora_factors(wrappers[name], spec, dtype, num_experts) if name in wrappers else None
+        for name in ADAPTED_PARAMETERS
     )
