@@ -47,8 +47,8 @@ def test_per_expert_and_unrecognised_blocks_are_named():
                                          "(experts_backend='per_expert')"]
     zaya = AutoMoEForCausalLM.from_config(tiny_config("zaya"))
     block = paths(zaya)["moe block"]
-    assert block == ["plain HF ZayaSparseMoeBlock (ZayaSparseMoeBlock.forward takes prev_router_hidden_states "
-                     "besides the hidden states)"], block
+    assert block == ["plain HF ZayaSparseMoeBlock (ZayaSparseMoeBlock has a part automoe does not know: gate "
+                     "(ZayaRouter))"], block
 
 
 def test_parts_kept_as_hf_code_are_named(monkeypatch):

@@ -3,12 +3,11 @@ loaded through AutoMoEForCausalLM: accelerated with HF parity, or refused with t
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
-from experts_sweep import experts_model_types, has_causal_lm, tiny_config
+from experts_sweep import EXPERTS, TOP_K, experts_model_types, has_causal_lm, tiny_config
 from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM
@@ -38,10 +37,14 @@ def _build(model_type: str):
         raise ValueError(f"the tiny config still has {size / 1e6:.0f}M parameters")
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(config, experts_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():  # biases HF initialises to zero (routing corrections, AFMoE's expert_bias) get values, so
-        for key, tensor in ref.state_dict().items():  # a path that ignored one would show
+    with torch.no_grad():  # what HF initialises to zeros gets values, so that a path that ignored it would show
+        for key, tensor in ref.state_dict().items():
+            gen = torch.Generator().manual_seed(len(key))
             if "bias" in key.rsplit(".", 1)[-1] and tensor.is_floating_point() and not tensor.any():
-                tensor.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(key)))
+                tensor.normal_(0.0, 0.05, generator=gen)  # routing corrections, AFMoE's expert_bias
+            elif tensor.dtype == torch.int64 and tensor.dim() == 2 and tensor.shape[1] == TOP_K and not tensor.any():
+                # a token-to-experts table (DeepSeek-V4's hash routing): distinct experts per token, as trained ones
+                tensor.copy_(torch.rand(tensor.shape[0], EXPERTS, generator=gen).argsort(dim=1)[:, :TOP_K])
     ids = torch.randint(3, config.get_text_config().vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
     ref.train()(input_ids=ids[:1, :4], labels=ids[:1, :4])  # one tiny forward: the model runs at all
     return config, ref, ids
@@ -101,9 +104,9 @@ def test_no_model_type_is_accelerated_wrongly(table):
     assert not wrong, wrong
 
 
-@pytest.mark.skipif(os.environ.get("AUTOMOE_SWEEP") != "1", reason="issue 16's open target (69% on transformers 5.24 "
-                    "on 2026-12-01): run it with AUTOMOE_SWEEP=1")
 def test_most_model_types_are_accelerated(table):
+    """Issue 16's line: at least 90% of the model types whose tiny config builds (transformers 5.24: 47 of 49,
+    5.17: 35 of 38 on 2026-12-02)."""
     built = [t for t, (result, _) in table.items() if result != "no tiny config"]
     accelerated = [t for t in built if table[t][0] == "accelerated"]
     assert len(built) >= 30, "the sweep builds too few tiny configs to mean anything"

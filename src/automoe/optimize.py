@@ -11,7 +11,15 @@ from torch import nn
 
 from .describe import summary
 from .families import NAMED_FAMILIES
-from .families.recognize import Unrecognized, block_spec, build_router, cpu_twin, find_experts, scoring_weight
+from .families.recognize import (
+    Unrecognized,
+    block_spec,
+    build_router,
+    cpu_twin,
+    find_experts,
+    probe_input,
+    scoring_weight,
+)
 from .kernels import apply_kernels
 from .moe.adopt import adopt_tensors, hf_compatible_class
 from .moe.block import MoEBlock
@@ -80,11 +88,12 @@ def verify_block(hf_block: nn.Module, block: MoEBlock) -> None:
     hidden = scoring_weight(getattr(block, block.spec.router_attr), block.spec.experts.num_experts).shape[1]
     weight = getattr(block, block.spec.experts_attr).down_proj
     x = torch.randn(2, 8, hidden, device=weight.device, dtype=weight.dtype)
+    inputs = {name: probe_input(hf_block, name, 2, 8).to(weight.device) for name in block.spec.block_inputs}
     was_training = hf_block.training
     hf_block.eval()
     block.eval()
     with torch.no_grad():
-        ref, out = hf_block(x), block(x)
+        ref, out = hf_block(x, **inputs), block(x, **inputs)
     hf_block.train(was_training)
     block.train(was_training)
     if isinstance(ref, tuple) != isinstance(out, tuple):

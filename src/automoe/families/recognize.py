@@ -60,13 +60,13 @@ def experts_spec(experts: nn.Module) -> ExpertsSpec:
     )
     act_fn = getattr(experts, "act_fn", None)
     if not has_gate or type(experts)._apply_gate is _default_apply_gate:
-        if not isinstance(act_fn, nn.Module):
-            raise Unrecognized(f"{type(experts).__name__} has no act_fn module")
+        if not callable(act_fn):  # a module, or a function (LFM2-MoE's F.silu)
+            raise Unrecognized(f"{type(experts).__name__} has no act_fn")
         return replace(spec, act_name=identify_activation(act_fn))
     # a custom _apply_gate is matched by what it computes: act(gate) * up (e.g. in fp32, rounded once, as automoe
     # computes it anyway) or GPT-OSS's clamped SwiGLU
     candidates = []
-    if isinstance(act_fn, nn.Module):
+    if callable(act_fn):
         candidates.append(replace(spec, act_name=identify_activation(act_fn)))
     if hasattr(experts, "alpha") and hasattr(experts, "limit"):
         candidates.append(
@@ -114,13 +114,19 @@ def _router_candidates(router: nn.Module, config, num_experts: int, top_k: int) 
 
 
 def cpu_twin(module: nn.Module, dtype: torch.dtype, seed: int) -> nn.Module:
-    """A CPU copy of a small module with fresh random tensors (works for meta-device modules too)."""
+    """A CPU copy of a small module with fresh random floating tensors (works for meta-device modules too); integer
+    tensors (DeepSeek-V4's token-to-expert table) keep their values, or are zeros where those are on meta."""
     twin = copy.deepcopy(module).to_empty(device="cpu").to(dtype)
     gen = torch.Generator().manual_seed(seed)
+    originals = itertools.chain(module.parameters(), module.buffers())
     with torch.no_grad():
-        for tensor in itertools.chain(twin.parameters(), twin.buffers()):
+        for tensor, original in zip(itertools.chain(twin.parameters(), twin.buffers()), originals, strict=True):
             if tensor.is_floating_point():
                 tensor.copy_(torch.randn(tensor.shape, generator=gen, device="cpu") * 0.5)
+            elif original.device.type == "meta":
+                tensor.zero_()
+            else:
+                tensor.copy_(original)
     return twin
 
 
@@ -174,26 +180,45 @@ def scoring_weight(module: nn.Module, num_experts: int) -> torch.Tensor | None:
     return None
 
 
-def router_inputs(router: nn.Module, block_tensors: set[str]) -> tuple[str, ...]:
-    """The block's own tensors the HF router's forward takes after the hidden states, by parameter name (AFMoE's
-    expert_bias, MiniMax-M2's e_score_correction_bias)."""
+def router_inputs(router: nn.Module, block_tensors: set[str], block_inputs: tuple[str, ...]) -> tuple[str, ...]:
+    """What the HF router's forward takes after the hidden states, by parameter name: the block's own tensors (AFMoE's
+    expert_bias, MiniMax-M2's e_score_correction_bias) or the block's inputs (DeepSeek-V4's input_ids)."""
     names = []
     for param in list(inspect.signature(router.forward).parameters.values())[1:]:
-        if param.name in block_tensors:
+        if param.name in block_tensors or param.name in block_inputs:
             names.append(param.name)
         elif param.default is inspect.Parameter.empty and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             raise Unrecognized(f"router {type(router).__name__} takes {param.name}, which its block does not hold")
     return tuple(names)
 
 
-def hf_router_batched(router: nn.Module, tensors: list[torch.Tensor], num_experts: int, why: str) -> bool:
+def block_inputs(block: nn.Module) -> tuple[str, ...]:
+    """The keywords the HF block's forward takes after the hidden states; each needs a default (the decoder layer
+    may leave it out) and a probe value (probe_input)."""
+    names = []
+    for param in list(inspect.signature(block.forward).parameters.values())[1:]:
+        if param.default is inspect.Parameter.empty or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise Unrecognized(f"{type(block).__name__}.forward takes {param.name} besides the hidden states")
+        probe_input(block, param.name, 1, 1)
+        names.append(param.name)
+    return tuple(names)
+
+
+def probe_input(block: nn.Module, name: str, batch: int, seq: int) -> torch.Tensor:
+    """A value of the block input `name` for the numerical checks: token ids (as DeepSeek-V4's hash router indexes
+    its table by them) are 0 or 1, valid for any vocabulary; automoe knows no other kind of block input."""
+    if not name.endswith("_ids"):
+        raise Unrecognized(f"{type(block).__name__}.forward takes {name} besides the hidden states")
+    return torch.randint(0, 2, (batch, seq), generator=torch.Generator().manual_seed(5), device="cpu")
+
+
+def hf_router_batched(router: nn.Module, args: list[torch.Tensor], num_experts: int, why: str) -> bool:
     """Whether the HF router, kept as it is, takes [batch, seq, hidden] (True) or [tokens, hidden] (False): the form
-    on which a CPU twin returns (logits, weights, ids) with [tokens, k] weights and integer ids."""
+    on which a CPU twin returns (logits, weights, ids) with [tokens, k] weights and integer ids. `args`: probe values
+    of what it takes after the hidden states, for 2 x 4 tokens."""
     hidden = scoring_weight(router, num_experts).shape[1]
     twin = cpu_twin(router, torch.float32, seed=0)
-    gen = torch.Generator().manual_seed(3)
-    args = [torch.randn(t.shape, generator=gen, device="cpu") for t in tensors]
-    x = torch.randn(2, 4, hidden, generator=gen, device="cpu")
+    x = torch.randn(2, 4, hidden, generator=torch.Generator().manual_seed(3), device="cpu")
     for batched in (False, True):
         try:
             with torch.no_grad():
@@ -235,9 +260,6 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
         raise Unrecognized(f"{type(block).__name__} has no fused experts module")
     experts_attr, experts = found
     exp = experts_spec(experts)
-    extra = list(inspect.signature(block.forward).parameters)[1:]
-    if extra:
-        raise Unrecognized(f"{type(block).__name__}.forward takes {', '.join(extra)} besides the hidden states")
     router_attr = shared_attr = shared_gate_attr = latent_in_attr = latent_out_attr = post_norm_attr = None
     for name, child in block.named_children():
         if name == experts_attr or not list(child.parameters()) + list(child.buffers()):
@@ -266,18 +288,22 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
     if (latent_in_attr is None) != (latent_out_attr is None):
         raise Unrecognized(f"{type(block).__name__} projects into the experts' latent width but not back")
     router = getattr(block, router_attr)
+    inputs = block_inputs(block)
     own = dict(itertools.chain(block.named_parameters(recurse=False), block.named_buffers(recurse=False)))
-    router_tensors = router_inputs(router, set(own))
-    if set(own) - set(router_tensors):
+    router_args = router_inputs(router, set(own), inputs)
+    if set(own) - set(router_args):
         raise Unrecognized(f"{type(block).__name__} holds tensors of its own outside router and experts: "
-                           f"{sorted(set(own) - set(router_tensors))}")
+                           f"{sorted(set(own) - set(router_args))}")
     try:
-        if router_tensors:
-            raise Unrecognized(f"router {type(router).__name__} takes tensors its block holds")
+        if router_args:
+            raise Unrecognized(f"router {type(router).__name__} takes {', '.join(router_args)} from its block")
         rspec, batched = router_spec(router, config, exp.num_experts), False
     except Unrecognized as why:  # no rule of automoe's: the HF router runs as it is
         rspec = None
-        batched = hf_router_batched(router, [own[n] for n in router_tensors], exp.num_experts, str(why))
+        gen = torch.Generator().manual_seed(4)
+        args = [probe_input(block, n, 2, 4) if n in inputs else torch.randn(own[n].shape, generator=gen, device="cpu")
+                for n in router_args]
+        batched = hf_router_batched(router, args, exp.num_experts, str(why))
     combine = getattr(block, "shared_expert_combination_strategy", "sum")
     if combine not in SHARED_COMBINES:
         raise Unrecognized(f"{type(block).__name__} combines routed and shared experts by {combine!r}")
@@ -291,7 +317,8 @@ def block_spec(block: nn.Module, config) -> BlockSpec:
         latent_in_attr=latent_in_attr,
         latent_out_attr=latent_out_attr,
         jitter_noise=float(getattr(block, "jitter_noise", 0.0) or getattr(block, "input_jitter_noise", 0.0) or 0.0),
-        router_tensors=router_tensors,
+        router_args=router_args,
+        block_inputs=inputs,
         router_batched=batched,
         post_norm_attr=post_norm_attr,
         shared_combine=combine,

@@ -46,7 +46,13 @@ class MoEBlock(nn.Module):
             shared = torch.sigmoid(getattr(self, self.spec.shared_gate_attr)(x)) * shared
         return shared
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, **inputs: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`inputs`: the keywords the HF block's forward takes after the hidden states (spec.block_inputs)."""
+        unknown = set(inputs) - set(self.spec.block_inputs)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {sorted(unknown)}")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         if self.training and self.spec.jitter_noise > 0:
@@ -54,8 +60,9 @@ class MoEBlock(nn.Module):
             x = x * noise
         router = getattr(self, self.spec.router_attr)
         if self.spec.router is None:  # HF's own router, called as its block calls it
-            inputs = x.view(shape) if self.spec.router_batched else x
-            _, topk_weights, topk_ids = router(inputs, *(getattr(self, n) for n in self.spec.router_tensors))
+            routed = x.view(shape) if self.spec.router_batched else x
+            args = (inputs.get(n) if n in self.spec.block_inputs else getattr(self, n) for n in self.spec.router_args)
+            _, topk_weights, topk_ids = router(routed, *args)
         else:
             _, topk_weights, topk_ids = router(x)
         side = (lambda: self._shared_experts(x)) if self.spec.shared_attr else None

@@ -92,9 +92,11 @@ class BlockSpec:
     """Where the parts live in the HF block (attribute names are kept so state_dict keys match HF).
 
     router: the rule automoe's Router reproduces, or None where no RouterSpec does (PhiMoE's sparsemixer, ERNIE 4.5's
-        corrected softmax, ...): then the HF router module itself runs, called as the HF block calls it, with the
-        block's own tensors named in router_tensors (AFMoE's expert_bias, MiniMax-M2's e_score_correction_bias)
-        and on [batch, seq, hidden] where router_batched, else on [tokens, hidden].
+        corrected softmax, ...): then the HF router module itself runs, called as the HF block calls it: on
+        [batch, seq, hidden] where router_batched, else on [tokens, hidden], then router_args by name, each the
+        block's own tensor (AFMoE's expert_bias, MiniMax-M2's e_score_correction_bias) or one of its inputs.
+    block_inputs: what the HF block's forward takes after the hidden states, by keyword (DeepSeek-V4's input_ids, for
+        its hash router); one the router does not take is unused by the HF block too, as its numerical check shows.
     """
 
     router: RouterSpec | None
@@ -110,12 +112,18 @@ class BlockSpec:
     latent_out_attr: str | None = None
     returns_router_scores: bool = False
     jitter_noise: float = 0.0
-    router_tensors: tuple[str, ...] = ()
+    router_args: tuple[str, ...] = ()
+    block_inputs: tuple[str, ...] = ()
     router_batched: bool = False
     # a norm the block applies to its output, after routed and shared experts are combined (A.X-K1)
     post_norm_attr: str | None = None
     # "average": the block returns (routed + shared) / 2 (Cohere2-MoE) instead of their sum
     shared_combine: str = "sum"
+
+    @property
+    def router_tensors(self) -> tuple[str, ...]:
+        """The block's own tensors its HF router takes (the MoE block keeps them under their HF names)."""
+        return tuple(name for name in self.router_args if name not in self.block_inputs)
 
     def __post_init__(self) -> None:
         if self.shared_combine not in SHARED_COMBINES:
