@@ -122,6 +122,8 @@ NEEDS = {
     "phimoe": "HF's router kept (sparsemixer, sampled in training)",
     "flint": "sigmoid router without a correction bias",
     "hy_v4": "HF's own _apply_gate (clamped SwiGLU without an act_fn)",
+    "deepseek_v4": "HF's hash router kept, given the block's input_ids; HF's own _apply_gate",
+    "lfm2_moe": "an act_fn that is a function, not a module",
     "axk1": "a norm after the combined routed and shared experts",
     "cohere2_moe": "routed and shared experts averaged",
 }
