@@ -69,7 +69,9 @@ def _cut(values: list, n: int) -> list:
     list) when none of the first n is."""
     out = list(values[:n])
     kinds = set(map(str, values))
-    for wanted in (("sparse", "moe", "hash_moe"), ("full_attention", "attention", "indexed_attention")):
+    # attention over every token, by any name (full_attention, indexed_attention, qwen_sparse_attention, ...)
+    full = sorted(k for k in kinds if k.endswith("attention") and not k.startswith(("linear", "sliding")))
+    for wanted in (("sparse", "moe", "hash_moe"), ("full_attention", "attention", *full)):
         kind = next((k for k in wanted if k in kinds), None)
         if kind is not None and kind not in out:
             out[-1] = kind
