@@ -35,7 +35,16 @@ SIZES = dict(
 
 # what the generic shrinking cannot tell: sizes a config validates against each other, layer patterns by period
 OVERRIDES = dict(
-    granitemoehybrid=dict(mamba_n_heads=8, mamba_d_head=8),
+    granitemoehybrid=dict(mamba_n_heads=8, mamba_d_head=8,
+                          layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    lfm2_moe=dict(layer_types=["conv", "full_attention", "conv"]),
+    gemma4_text=dict(enable_moe_block=True),
+    dots3_note_text=dict(swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=16, swa_kv_lora_rank=16,
+                         swa_head_dim=16, swa_qk_nope_head_dim=8, swa_v_head_dim=8),
+    # its partial_rotary_factor 0.334 leaves 4 rotary dims of 12; its sliding layers double the kv heads
+    mimo_v2_flash=dict(head_dim=12, num_key_value_heads=2),
+    qwen4_exp_text=dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+                        indexer_compress_ratio=2, ngram_vocab_size_base=128, ple_embed_dim=8, hc_lowrank=8),
     zaya=dict(num_experts_per_tok=1),
     jamba=dict(attn_layer_period=2, attn_layer_offset=0, expert_layer_period=2, expert_layer_offset=1),
 )
@@ -60,7 +69,9 @@ def _cut(values: list, n: int) -> list:
     list) when none of the first n is."""
     out = list(values[:n])
     kinds = set(map(str, values))
-    for wanted in (("sparse", "moe", "hash_moe"), ("full_attention", "attention")):
+    # attention over every token, by any name (full_attention, indexed_attention, qwen_sparse_attention, ...)
+    full = sorted(k for k in kinds if k.endswith("attention") and not k.startswith(("linear", "sliding")))
+    for wanted in (("sparse", "moe", "hash_moe"), ("full_attention", "attention", *full)):
         kind = next((k for k in wanted if k in kinds), None)
         if kind is not None and kind not in out:
             out[-1] = kind
@@ -69,6 +80,9 @@ def _cut(values: list, n: int) -> list:
 
 def tiny_config(model_type: str, **overrides):
     cls = CONFIG_MAPPING[model_type]
+    text = getattr(cls, "sub_configs", {}).get("text_config")
+    if text is not None and has_causal_lm(text.model_type):  # a multimodal family: its language model (gemma4_text)
+        return tiny_config(text.model_type, **overrides)
     defaults = cls().to_dict()
     kwargs = {k: v for k, v in SIZES.items() if k in defaults}
     layers = defaults.get("num_hidden_layers")

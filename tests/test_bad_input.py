@@ -11,6 +11,7 @@ from tiny_configs import make_config
 
 from automoe import AutoMoEForCausalLM, AutoMoEOptions, AutoMoEWarning
 from automoe.moe.block import MoEBlock
+from automoe.optimize import optimize_model
 
 
 def moe_blocks(model) -> int:
@@ -54,16 +55,32 @@ def test_unaligned_expert_rows_load_on_the_per_expert_path_with_one_warning():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_unrecognised_router_warns_once_with_family_and_reason():
-    message = r"phimoe: 2 MoE block\(s\) left as plain transformers.*router PhimoeTopKRouter"
+def _qwen3_moe_with(change) -> torch.nn.Module:
+    model = transformers.AutoModelForCausalLM.from_config(make_config("qwen3_moe"))
+    for layer in model.model.layers:
+        change(layer.mlp)
+    return model
+
+
+def test_router_automoe_can_neither_reproduce_nor_run_warns_once_with_family_and_reason():
+    def two_outputs(block):  # a router returning (logits, weights): neither a known rule nor HF's router contract
+        cls = type(block.gate)
+        block.gate.__class__ = type("TwoOutputRouter", (cls,), {"forward": lambda self, x: cls.forward(self, x)[:2]})
+
+    message = (r"qwen3_moe: 2 MoE block\(s\) left as plain transformers.*router TwoOutputRouter does not return "
+               r"\(logits, weights, ids\); nor does it run as HF's own module")
     with pytest.warns(AutoMoEWarning, match=message):
-        model = AutoMoEForCausalLM.from_config(make_config("phimoe"))
+        model = optimize_model(_qwen3_moe_with(two_outputs), AutoMoEOptions())
     assert moe_blocks(model) == 0
 
 
 def test_unrecognised_block_part_warns():
-    with pytest.warns(AutoMoEWarning, match="hunyuan_v1_moe.*part automoe does not know: gate"):
-        AutoMoEForCausalLM.from_config(make_config("hunyuan_v1_moe"))
+    def extra_part(block):
+        block.extra = torch.nn.Linear(4, 4)
+
+    with pytest.warns(AutoMoEWarning, match=r"qwen3_moe.*part automoe does not know: extra \(Linear\)"):
+        model = optimize_model(_qwen3_moe_with(extra_part), AutoMoEOptions())
+    assert moe_blocks(model) == 0
 
 
 def test_moe_without_fused_experts_warns():
@@ -71,7 +88,7 @@ def test_moe_without_fused_experts_warns():
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         kv_channels=8, intermediate_size=16, num_local_experts=4, num_experts_per_tok=2,
     )
-    with pytest.warns(AutoMoEWarning, match="jetmoe is a mixture-of-experts model.*not accelerated"):
+    with pytest.warns(AutoMoEWarning, match="jetmoe: a mixture-of-experts model.*not accelerated"):
         model = AutoMoEForCausalLM.from_config(config)
     assert type(model).__name__ == "JetMoeForCausalLM"
 

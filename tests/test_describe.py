@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 
+from experts_sweep import tiny_config
 from tiny_configs import make_config
 
 import automoe
 from automoe import AutoMoEForCausalLM
-from automoe.describe import rows
+from automoe.describe import Row, rows
 
 
 def paths(model) -> dict[str, list[str]]:
@@ -43,9 +45,23 @@ def test_per_expert_and_unrecognised_blocks_are_named():
     model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"), automoe_options={"experts_backend": "per_expert"})
     assert paths(model)["moe block"] == ["automoe experts (per_expert), composed autograd "
                                          "(experts_backend='per_expert')"]
-    phimoe = AutoMoEForCausalLM.from_config(make_config("phimoe"))
-    block = paths(phimoe)["moe block"]
-    assert len(block) == 1 and block[0].startswith("plain HF PhimoeSparseMoeBlock (") and "router" in block[0]
+    zaya = AutoMoEForCausalLM.from_config(tiny_config("zaya"))
+    block = paths(zaya)["moe block"]
+    assert block == ["plain HF ZayaSparseMoeBlock (ZayaSparseMoeBlock has a part automoe does not know: gate "
+                     "(ZayaRouter))"], block
+
+
+def test_parts_kept_as_hf_code_are_named(monkeypatch):
+    # PhiMoE's sparsemixer router and HY-V4's clamped gate have no automoe rule: HF's code runs there, on torch
+    got = paths(AutoMoEForCausalLM.from_config(make_config("phimoe")))
+    assert got["router"] == ["plain HF PhimoeTopKRouter, torch (no automoe router rule reproduces it)"], got
+    assert "automoe routed experts (grouped_mm)" in got["moe block"][0]
+    model = AutoMoEForCausalLM.from_config(tiny_config("hy_v4"))
+    module = sys.modules["automoe.describe"]  # `automoe.describe` is the function
+    monkeypatch.setattr(module, "kernel_path", lambda mode, tensor: Row("", "fused Triton"))  # as on CUDA
+    assert paths(model)["moe block"] == [
+        "automoe routed experts (grouped_mm), activation + combine: grouped_mm + torch activation (no Triton kernel "
+        "for the experts' own gate activation (HF's _apply_gate))"]
 
 
 def test_one_summary_line_is_logged_at_load(caplog):

@@ -307,7 +307,8 @@ def paths(tmp_path_factory) -> dict:
     tied = ("qwen3_moe", {"tie_word_embeddings": True})
     for name, (family, extra) in {"qwen3_moe": ("qwen3_moe", {}), "deepseek_v3": ("deepseek_v3", {}),
                                   "gpt_oss": ("gpt_oss", {}), "qwen3_moe_tied": tied, "mixtral": ("mixtral", {}),
-                                  "deepseek_v3_skewed": ("deepseek_v3", {}), "gpt_oss_skewed": ("gpt_oss", {})}.items():
+                                  "deepseek_v3_skewed": ("deepseek_v3", {}), "gpt_oss_skewed": ("gpt_oss", {}),
+                                  "hunyuan_v1_moe": ("hunyuan_v1_moe", {})}.items():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(make_config(family, output_router_logits=False, **extra))
         if name.endswith("_skewed"):
@@ -367,6 +368,13 @@ def test_matrix_two_ranks(paths):
         + _runs(("mixtral",), ("off",), ep=1)
         + _runs(("qwen3_moe", "gpt_oss_skewed"), ("full",), ep=2, chunks=2)
     )))], paths)
+
+
+def test_hf_router_kept_under_ep(paths):
+    """HunYuan's gate, which no automoe router rule reproduces, runs as HF's module beside the expert-parallel experts
+    (checked on its CPU twin at the meta-device load). Without activation checkpointing: the checkpoint policy keeps
+    top-k outputs, which this gate divides in place."""
+    run_ranks(2, [("matrix", dict(runs=_runs(("hunyuan_v1_moe",), ("off",), ep=2)))], paths)
 
 
 def test_matrix_four_ranks(paths):

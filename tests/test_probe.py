@@ -7,9 +7,11 @@ import warnings
 
 import pytest
 import torch
+from experts_sweep import tiny_config
 from tiny_configs import make_config
 from transformers import AutoModelForCausalLM
 
+from automoe import AutoMoEForCausalLM
 from automoe.distributed.load import _parameters_on_meta
 from automoe.moe.block import MoEBlock
 from automoe.optimize import AutoMoEWarning, optimize_model
@@ -49,3 +51,24 @@ def test_meta_model_that_matches_is_accelerated_without_warning():
     assert len(blocks) == model.config.num_hidden_layers
     assert all(p.device.type == "meta" for p in model.parameters()), "the check leaves the model's tensors alone"
     assert torch.is_tensor(blocks[0].experts.gate_up_proj)
+
+
+@pytest.mark.parametrize("model_type", ["minimax_m2", "deepseek_v4"])
+def test_meta_model_keeping_hf_parts_is_checked_on_its_twin(model_type):
+    """HF's own router (MiniMax-M2's with the block's correction bias; DeepSeek-V4's hash router, which takes the
+    block's input_ids) and HF's own gate activation run in the twin's check too, and stay HF's modules on meta."""
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    with pytest.warns(AutoMoEWarning, match="parts that run transformers' own code"):
+        optimize_model(model, AutoMoEOptions())
+    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    assert blocks and all(b.spec.router is None for b in blocks)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_hf_gate_holds_no_expert_tensors():
+    model = AutoMoEForCausalLM.from_config(tiny_config("hy_v4"))
+    experts = next(m for m in model.modules() if isinstance(m, MoEBlock)).experts
+    shell = experts.act_fn.hf_experts  # HY-V4's _apply_gate runs on a tensorless copy of its experts module
+    assert experts.spec.activation == "hf_gate" and not list(shell.parameters()) and not list(shell.buffers())
+    assert experts.gate_up_proj is not None and "act_fn" not in {n.split(".")[-1] for n, _ in model.named_parameters()}

@@ -52,13 +52,16 @@ def _moe_rows(model: nn.Module, config) -> list[Row]:
             if experts.fused_forward is not None:
                 path = kernel_path(experts.fused_forward.keywords["mode"], experts.down_proj)
                 if path.path == "fused Triton" and not swiglu.triton_covers(module.spec.experts):
-                    path = Row("", "grouped_mm + torch activation",
-                               f"no Triton kernel for the {module.spec.experts.act_name} activation")
+                    act = module.spec.experts.act_name or _unnamed_activation(module.spec.experts.activation)
+                    path = Row("", "grouped_mm + torch activation", f"no Triton kernel for {act}")
                 rows.append(Row("moe block", f"automoe routed experts (grouped_mm{where}), activation + combine: "
                                 f"{path.path}", path.why))
             else:
                 why = "experts_backend='per_expert'" if experts.backend == "per_expert" else "kernels='off'"
                 rows.append(Row("moe block", f"automoe experts ({experts.backend}{where}), composed autograd", why))
+            if module.spec.router is None:
+                router = type(getattr(module, module.spec.router_attr)).__name__
+                rows.append(Row("router", f"plain HF {router}, torch", "no automoe router rule reproduces it"))
         elif find_experts(module) is not None:
             try:
                 block_spec(module, config)
@@ -77,6 +80,12 @@ def _moe_rows(model: nn.Module, config) -> list[Row]:
                        else f"the {module.spec.score_func} rule has no fused kernel")
                 rows.append(Row("router", f"{module.spec.score_func} top-k: torch", why))
     return rows
+
+
+def _unnamed_activation(activation: str) -> str:
+    if activation == "hf_gate":
+        return "the experts' own gate activation (HF's _apply_gate)"
+    return "an activation function automoe could not name"
 
 
 def _swap_rows(model: nn.Module) -> list[Row]:

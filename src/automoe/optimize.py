@@ -11,11 +11,19 @@ from torch import nn
 
 from .describe import summary
 from .families import NAMED_FAMILIES
-from .families.recognize import Unrecognized, block_spec, build_router, cpu_twin, find_experts
+from .families.recognize import (
+    Unrecognized,
+    block_spec,
+    build_router,
+    cpu_twin,
+    find_experts,
+    probe_input,
+    scoring_weight,
+)
 from .kernels import apply_kernels
 from .moe.adopt import adopt_tensors, hf_compatible_class
 from .moe.block import MoEBlock
-from .moe.experts import Experts
+from .moe.experts import Experts, HFGate
 from .moe.spec import BlockSpec
 from .options import AutoMoEOptions
 
@@ -35,16 +43,20 @@ def is_moe_config(config) -> bool:
 def build_block(hf_block: nn.Module, spec: BlockSpec, options: AutoMoEOptions) -> MoEBlock:
     """An automoe block that owns the HF block's tensors (no copy) under the same names."""
     hf_experts = getattr(hf_block, spec.experts_attr)
-    experts = hf_compatible_class(Experts, type(hf_experts))(
-        spec.experts, getattr(hf_experts, "act_fn", None), options.experts_backend
-    )
+    act_fn = HFGate(hf_experts) if spec.experts.activation == "hf_gate" else getattr(hf_experts, "act_fn", None)
+    experts = hf_compatible_class(Experts, type(hf_experts))(spec.experts, act_fn, options.experts_backend)
     adopt_tensors(experts, hf_experts, list(spec.experts.tensor_names[: 4 if spec.experts.has_bias else 2]))
-    router = build_router(getattr(hf_block, spec.router_attr), spec.router, options.router == "balanced")
+    router = getattr(hf_block, spec.router_attr)
+    if spec.router is not None:
+        router = build_router(router, spec.router, options.router == "balanced")
+    elif options.router == "balanced":
+        raise Unrecognized(f"router='balanced' needs a router automoe reproduces; {type(router).__name__} is not one")
     shared = getattr(hf_block, spec.shared_attr) if spec.shared_attr else None
     shared_gate = getattr(hf_block, spec.shared_gate_attr) if spec.shared_gate_attr else None
     known = {spec.router_attr, spec.experts_attr, spec.shared_attr, spec.shared_gate_attr}
     others = {name: child for name, child in hf_block.named_children() if name not in known}
     block = hf_compatible_class(MoEBlock, type(hf_block))(spec, router, experts, shared, shared_gate, others)
+    adopt_tensors(block, hf_block, list(spec.router_tensors))
     # HF's child order, so named_parameters() and state_dict() list tensors exactly as HF does
     block._modules = {name: block._modules[name] for name, _ in hf_block.named_children()}
     block.train(hf_block.training)
@@ -73,14 +85,15 @@ def check_backend(spec: BlockSpec, options: AutoMoEOptions, dtype: torch.dtype) 
 def verify_block(hf_block: nn.Module, block: MoEBlock) -> None:
     """Run the HF block and automoe's on the same few random tokens; a family matched by structure alone
     is only accelerated if they agree."""
-    hidden = getattr(block, block.spec.router_attr).weight.shape[1]
+    hidden = scoring_weight(getattr(block, block.spec.router_attr), block.spec.experts.num_experts).shape[1]
     weight = getattr(block, block.spec.experts_attr).down_proj
-    x = torch.randn(1, 8, hidden, device=weight.device, dtype=weight.dtype)
+    x = torch.randn(2, 8, hidden, device=weight.device, dtype=weight.dtype)
+    inputs = {name: probe_input(hf_block, name, 2, 8).to(weight.device) for name in block.spec.block_inputs}
     was_training = hf_block.training
     hf_block.eval()
     block.eval()
     with torch.no_grad():
-        ref, out = hf_block(x), block(x)
+        ref, out = hf_block(x, **inputs), block(x, **inputs)
     hf_block.train(was_training)
     block.train(was_training)
     if isinstance(ref, tuple) != isinstance(out, tuple):
@@ -103,6 +116,7 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
     family = getattr(model.config, "model_type", type(model).__name__)
     verified: dict[type, str | None] = {}
     problems: dict[str, int] = {}
+    kept: dict[str, int] = {}
     replaced = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, MoEBlock) or find_experts(module) is None:
@@ -121,25 +135,36 @@ def optimize_model(model: nn.Module, options: AutoMoEOptions) -> nn.Module:
             continue
         model.set_submodule(name, block)
         replaced += 1
+        for part in kept_parts(module, spec):
+            kept[part] = kept.get(part, 0) + 1
+    notes = []
     if problems:
         reasons = "; ".join(f"{why} ({n} block(s))" for why, n in problems.items())
-        warnings.warn(
-            f"automoe: {family}: {sum(problems.values())} MoE block(s) left as plain transformers, "
-            f"{replaced} accelerated. Why: {reasons}.",
-            AutoMoEWarning,
-            stacklevel=3,
-        )
-    elif replaced == 0 and is_moe_config(config):
-        warnings.warn(
-            f"automoe: {family} is a mixture-of-experts model, but its MoE blocks do not hold fused experts "
-            "(gate_up_proj/down_proj) that automoe recognises; loaded as plain transformers, not accelerated.",
-            AutoMoEWarning,
-            stacklevel=3,
-        )
+        notes.append(f"{sum(problems.values())} MoE block(s) left as plain transformers, {replaced} accelerated. "
+                     f"Why: {reasons}.")
+    if kept:
+        parts = "; ".join(f"{part} ({n} block(s))" for part, n in kept.items())
+        notes.append(f"{replaced} MoE block(s) accelerated, with parts that run transformers' own code on the torch "
+                     f"path (no automoe rule reproduces them, so they have no fused kernel): {parts}.")
+    if not problems and replaced == 0 and is_moe_config(config):
+        notes.append("a mixture-of-experts model, but its MoE blocks do not hold fused experts "
+                     "(gate_up_proj/down_proj) that automoe recognises; loaded as plain transformers, not accelerated.")
+    for note in notes:
+        warnings.warn(f"automoe: {family}: {note}", AutoMoEWarning, stacklevel=3)
     if replaced:  # a model automoe does not accelerate stays plain transformers, kernels and attention included
         apply_kernels(model, options)
         logger.info(summary(model))
     return model
+
+
+def kept_parts(hf_block: nn.Module, spec: BlockSpec) -> list[str]:
+    """The parts of an accelerated block that run HF's code rather than automoe's (said once, at load)."""
+    parts = []
+    if spec.router is None:
+        parts.append(f"router {type(getattr(hf_block, spec.router_attr)).__name__}")
+    if spec.experts.activation == "hf_gate":
+        parts.append(f"gate activation {type(getattr(hf_block, spec.experts_attr)).__name__}._apply_gate")
+    return parts
 
 
 def _probe_reason(hf_block: nn.Module, block: MoEBlock, options: AutoMoEOptions) -> str | None:

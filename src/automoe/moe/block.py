@@ -14,9 +14,10 @@ from .spec import BlockSpec
 
 class MoEBlock(nn.Module):
     """Keeps the HF block's child names (spec.router_attr, spec.experts_attr, spec.shared_attr,
-    spec.shared_gate_attr, the latent projections and any parameter-free child, e.g. HF's nn.Identity stand-ins)
-    so every parameter keeps its HF key. `dispatcher` is a plain attribute that
-    expert parallelism swaps for its all-to-all version; the experts module is the same under every dispatcher."""
+    spec.shared_gate_attr, the latent projections, the post norm and any parameter-free child, e.g. HF's
+    nn.Identity stand-ins) and its own tensors (spec.router_tensors) so every parameter keeps its HF key.
+    `dispatcher` is a plain attribute that expert parallelism swaps for its all-to-all version; the experts module
+    is the same under every dispatcher."""
 
     def __init__(
         self,
@@ -45,13 +46,25 @@ class MoEBlock(nn.Module):
             shared = torch.sigmoid(getattr(self, self.spec.shared_gate_attr)(x)) * shared
         return shared
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden_states: torch.Tensor, **inputs: torch.Tensor | None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`inputs`: the keywords the HF block's forward takes after the hidden states (spec.block_inputs)."""
+        unknown = set(inputs) - set(self.spec.block_inputs)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword arguments {sorted(unknown)}")
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         if self.training and self.spec.jitter_noise > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.spec.jitter_noise, 1.0 + self.spec.jitter_noise)
             x = x * noise
-        _, topk_weights, topk_ids = getattr(self, self.spec.router_attr)(x)
+        router = getattr(self, self.spec.router_attr)
+        if self.spec.router is None:  # HF's own router, called as its block calls it
+            routed = x.view(shape) if self.spec.router_batched else x
+            args = (inputs.get(n) if n in self.spec.block_inputs else getattr(self, n) for n in self.spec.router_args)
+            _, topk_weights, topk_ids = router(routed, *args)
+        else:
+            _, topk_weights, topk_ids = router(x)
         side = (lambda: self._shared_experts(x)) if self.spec.shared_attr else None
         tokens = getattr(self, self.spec.latent_in_attr)(x) if self.spec.latent_in_attr else x
         experts, adapters = split_param_wrappers(getattr(self, self.spec.experts_attr))
@@ -64,6 +77,8 @@ class MoEBlock(nn.Module):
         if self.spec.routed_output_scale != 1.0:
             out = out * self.spec.routed_output_scale
         if shared is not None:
-            out = out + shared
+            out = out + shared if self.spec.shared_combine == "sum" else (out + shared) / 2
+        if self.spec.post_norm_attr:
+            out = getattr(self, self.spec.post_norm_attr)(out)
         out = out.view(shape)
         return (out, topk_weights) if self.spec.returns_router_scores else out

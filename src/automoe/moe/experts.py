@@ -11,6 +11,7 @@ local shards (`local_tensor`), so their gradients come back as DTensors with the
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -28,8 +29,8 @@ def weight_in_out(weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
 
 def gated_activation(gate_up: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module) -> torch.Tensor:
     """[S, 2I] -> [S, I]: act(gate) * up, or GPT-OSS's clamped variant with (up + 1); [S, I] -> act(up) for
-    experts without a gate."""
-    if not spec.has_gate:
+    experts without a gate; HF's own gate function (an HFGate as act_fn) for spec.activation "hf_gate"."""
+    if not spec.has_gate or spec.activation == "hf_gate":
         return act_fn(gate_up)
     if spec.interleaved:
         gate, up = gate_up[..., ::2], gate_up[..., 1::2]
@@ -40,6 +41,24 @@ def gated_activation(gate_up: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module
     gate = gate.clamp(max=spec.swiglu_limit)
     up = up.clamp(min=-spec.swiglu_limit, max=spec.swiglu_limit)
     return (up + 1) * (gate * torch.sigmoid(gate * spec.swiglu_alpha))
+
+
+class HFGate(nn.Module):
+    """An HF experts class's own `_apply_gate` ([S, 2I] -> [S, I]) for a gate activation automoe has no rule for,
+    run as transformers' grouped_mm backend runs it. It is called on a copy of the HF experts module that holds
+    none of their tensors (kept unregistered, so neither weight init nor state_dict sees it): the experts' tensors
+    live in automoe's Experts only, and sharding them frees the originals."""
+
+    def __init__(self, hf_experts: nn.Module) -> None:
+        nn.Module.__init__(self)
+        shell = copy.copy(hf_experts)
+        for slot in ("_parameters", "_buffers"):
+            object.__setattr__(shell, slot, {})
+        object.__setattr__(shell, "_modules", dict(hf_experts._modules))
+        object.__setattr__(self, "hf_experts", shell)
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.hf_experts._apply_gate(gate_up)
 
 
 class _ScaleGrad(torch.autograd.Function):

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SCORE_FUNCS = ("softmax", "sigmoid", "topk_softmax")
-ACTIVATIONS = ("swiglu", "clamped_swiglu")
+# "hf_gate": the HF experts class's own `_apply_gate` (DeepSeek-V4's and HY-V4's clamped SwiGLU), run on the torch
+# path only: no kernel computes it, so act_name stays None
+ACTIVATIONS = ("swiglu", "clamped_swiglu", "hf_gate")
 # the expert activation functions automoe's kernels compute exactly (recognition names the model's act_fn by
 # probing it against each; an act_fn that matches none keeps act_name None and runs the torch path)
 ACT_NAMES = ("silu", "gelu", "gelu_tanh", "quick_gelu", "relu", "relu2")
@@ -76,15 +78,28 @@ class ExpertsSpec:
             raise ValueError(f"experts without a gate have no {self.activation!r} activation")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown experts activation {self.activation!r}; known: {ACTIVATIONS}")
+        if self.activation == "hf_gate" and self.act_name is not None:
+            raise ValueError("the hf_gate activation runs HF's own _apply_gate; it takes no act_name")
         if self.act_name is not None and self.act_name not in ACT_NAMES:
             raise ValueError(f"unknown expert act_name {self.act_name!r}; known: {ACT_NAMES} or None")
 
 
+SHARED_COMBINES = ("sum", "average")
+
+
 @dataclass(frozen=True)
 class BlockSpec:
-    """Where the parts live in the HF block (attribute names are kept so state_dict keys match HF)."""
+    """Where the parts live in the HF block (attribute names are kept so state_dict keys match HF).
 
-    router: RouterSpec
+    router: the rule automoe's Router reproduces, or None where no RouterSpec does (PhiMoE's sparsemixer, ERNIE 4.5's
+        corrected softmax, ...): then the HF router module itself runs, called as the HF block calls it: on
+        [batch, seq, hidden] where router_batched, else on [tokens, hidden], then router_args by name, each the
+        block's own tensor (AFMoE's expert_bias, MiniMax-M2's e_score_correction_bias) or one of its inputs.
+    block_inputs: what the HF block's forward takes after the hidden states, by keyword (DeepSeek-V4's input_ids, for
+        its hash router); one the router does not take is unused by the HF block too, as its numerical check shows.
+    """
+
+    router: RouterSpec | None
     experts: ExpertsSpec
     router_attr: str = "gate"
     experts_attr: str = "experts"
@@ -97,3 +112,19 @@ class BlockSpec:
     latent_out_attr: str | None = None
     returns_router_scores: bool = False
     jitter_noise: float = 0.0
+    router_args: tuple[str, ...] = ()
+    block_inputs: tuple[str, ...] = ()
+    router_batched: bool = False
+    # a norm the block applies to its output, after routed and shared experts are combined (A.X-K1)
+    post_norm_attr: str | None = None
+    # "average": the block returns (routed + shared) / 2 (Cohere2-MoE) instead of their sum
+    shared_combine: str = "sum"
+
+    @property
+    def router_tensors(self) -> tuple[str, ...]:
+        """The block's own tensors its HF router takes (the MoE block keeps them under their HF names)."""
+        return tuple(name for name in self.router_args if name not in self.block_inputs)
+
+    def __post_init__(self) -> None:
+        if self.shared_combine not in SHARED_COMBINES:
+            raise ValueError(f"unknown shared_combine {self.shared_combine!r}; known: {SHARED_COMBINES}")
