@@ -153,7 +153,8 @@ def test_rope_patch_is_scoped_to_automoe_models(monkeypatch):
     from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
 
     fused, hf_rotations = [], []
-    monkeypatch.setattr(rope, "rope", lambda *a: fused.append(a[-1]) or rope.RopeFunction.apply(*a))
+    original = rope.rope
+    monkeypatch.setattr(rope, "rope", lambda *a: fused.append(a[-1]) or original(*a))
     rotate_half = hf.rotate_half
     monkeypatch.setattr(hf, "rotate_half", lambda x: hf_rotations.append(x.shape) or rotate_half(x))
     torch.manual_seed(0)
@@ -183,7 +184,8 @@ def test_rope_patch_is_scoped_to_automoe_models(monkeypatch):
 
 def test_partial_rotary_keeps_the_original_path(monkeypatch):
     fused = []
-    monkeypatch.setattr(rope, "rope", lambda *a: fused.append(a[-1]) or rope.RopeFunction.apply(*a))
+    original = rope.rope
+    monkeypatch.setattr(rope, "rope", lambda *a: fused.append(a[-1]) or original(*a))
     torch.manual_seed(0)
     ref = AutoModelForCausalLM.from_config(make_config("glm4_moe"), experts_implementation="eager")
     ours = AutoMoEForCausalLM.from_config(make_config("glm4_moe"))

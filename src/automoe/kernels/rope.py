@@ -74,8 +74,7 @@ if triton_available():
         hk = k.shape[1]
         # [B, H, S, D] over [B, S, H, D] memory: the layout HF's q/k/v already have, which SDPA takes as is and
         # which the q/k norm's backward reads without a copy (not views, so in-place use downstream stays legal)
-        q_out = q.new_empty_strided(q.shape, (seq * hq * dim, dim, hq * dim, 1), dtype=dtypes[0])
-        k_out = k.new_empty_strided(k.shape, (seq * hk * dim, dim, hk * dim, 1), dtype=dtypes[1])
+        q_out, k_out = _triton_layout(q, k, dtypes)
         cos, sin = (t.contiguous().expand(batch, seq, dim) for t in (cos, sin))  # one stride set for both
         if batch * seq:
             block_d = triton.next_power_of_2(dim // 2)
@@ -105,30 +104,72 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-class RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, mode):
-        ctx.save_for_backward(cos, sin)
-        ctx.mode, ctx.dtypes = mode, (q.dtype, k.dtype)
-        if use_triton(mode, q):
-            dtypes = (torch.result_type(q, cos), torch.result_type(k, cos))
-            return _rope_triton(q, k, cos, sin, dtypes, backward=False)
-        return rope_reference(q, k, cos, sin)
+def _rope_reference_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transpose of rope_reference's rotation, each gradient in its input's dtype."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    grads = (g * cos + _rotate_half_transposed(g * sin) for g in (dq, dk))
+    return tuple(g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        if use_triton(ctx.mode, dq):
-            return *_rope_triton(dq, dk, cos, sin, ctx.dtypes, backward=True), None, None, None
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        grads = (g * cos + _rotate_half_transposed(g * sin) for g in (dq, dk))
-        return *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)), None, None, None
+
+def _triton_layout(q: torch.Tensor, k: torch.Tensor, dtypes: tuple[torch.dtype, torch.dtype]):
+    """Empty tensors of _rope_triton's outputs: [B, H, S, D] over [B, S, H, D] memory, in `dtypes`."""
+    (batch, hq, seq, dim), hk = q.shape, k.shape[1]
+    return (q.new_empty_strided(q.shape, (seq * hq * dim, dim, hq * dim, 1), dtype=dtypes[0]),
+            k.new_empty_strided(k.shape, (seq * hk * dim, dim, hk * dim, 1), dtype=dtypes[1]))
+
+
+# Custom ops (fake kernels give shapes, dtypes and strides): torch.compile, activation checkpointing and the profiler
+# see one automoe::rope_fwd / automoe::rope_bwd each, whichever path runs inside. Off the Triton path the fake runs
+# the reference itself on fake tensors, which gives its outputs' strides exactly.
+@torch.library.custom_op("automoe::rope_fwd", mutates_args=())
+def _rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(mode, q):
+        return _rope_triton(q, k, cos, sin, (torch.result_type(q, cos), torch.result_type(k, cos)), backward=False)
+    return rope_reference(q, k, cos, sin)
+
+
+@_rope_fwd.register_fake
+def _(q, k, cos, sin, mode):
+    if use_triton(mode, q):
+        return _triton_layout(q, k, (torch.result_type(q, cos), torch.result_type(k, cos)))
+    return rope_reference(q, k, cos, sin)
+
+
+@torch.library.custom_op("automoe::rope_bwd", mutates_args=())
+def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype,
+              k_dtype: torch.dtype, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(mode, dq):
+        return _rope_triton(dq, dk, cos, sin, (q_dtype, k_dtype), backward=True)
+    return _rope_reference_backward(dq, dk, cos, sin, (q_dtype, k_dtype))
+
+
+@_rope_bwd.register_fake
+def _(dq, dk, cos, sin, q_dtype, k_dtype, mode):
+    if use_triton(mode, dq):
+        return _triton_layout(dq, dk, (q_dtype, k_dtype))
+    return _rope_reference_backward(dq, dk, cos, sin, (q_dtype, k_dtype))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, cos, sin, mode = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.mode, ctx.dtypes = mode, (q.dtype, k.dtype)
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    return *_rope_bwd(dq, dk, cos, sin, *ctx.dtypes, ctx.mode), None, None, None
+
+
+_rope_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, S, D] and k [B, Hk, S, D] (any strides) by cos/sin [B or 1, S, D]."""
-    return RopeFunction.apply(q, k, cos, sin, mode)
+    return _rope_fwd(q, k, cos, sin, mode)
 
 
 _MODE: ContextVar[str | None] = ContextVar("automoe_rope_mode", default=None)
