@@ -60,15 +60,16 @@ def adamw_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> No
 # whichever path runs, and the profiler shows it by name.
 @torch.library.custom_op("automoe::adamw_step", mutates_args=("p", "m", "v"))
 def _adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, beta1: float,
-                beta2: float, eps: float, weight_decay: float, step: float, mode: str) -> None:
-    if use_triton(mode, p) and all(t.is_contiguous() for t in (p, g, m, v)):
+                beta2: float, eps: float, weight_decay: float, step: float, kernels: str) -> None:
+    # `kernels`, not `mode`: a mutating op's functionalization passes arguments by name, beside its own `mode`
+    if use_triton(kernels, p) and all(t.is_contiguous() for t in (p, g, m, v)):
         _launch(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
     else:
         adamw_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
 
 
 @_adamw_step.register_fake
-def _(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, mode) -> None:
+def _(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, kernels) -> None:
     return None
 
 
