@@ -1,6 +1,7 @@
 """Routed experts in one custom op each way (automoe::routed_experts_fwd / _bwd): gather -> grouped GEMM ->
-weighted activation -> grouped GEMM -> one-pass sum per token, with a memory-lean backward. It computes on whatever tokens a dispatcher hands the experts
-(moe.dispatch): the local tokens, or under expert parallelism the tokens received from other ranks.
+weighted activation -> grouped GEMM -> one-pass sum per token, with a memory-lean backward. It computes on whatever
+tokens a dispatcher hands the experts (moe.dispatch): the local tokens, or under expert parallelism the tokens
+received from other ranks.
 
 Why one op instead of composing autograd ops: composed, autograd keeps the gathered tokens [S, H], the
 gate/up output [S, 2I], the activation [S, I] and the expert output [S, H] of every layer (S = T*k rows locally).

@@ -17,8 +17,9 @@ from .swiglu import triton_covers as experts_covered
 
 
 def apply_kernels(model: nn.Module, options: AutoMoEOptions) -> dict[str, int]:
-    """Fused routed experts in every grouped_mm MoE block (under any dispatcher) whose activation the kernels name, fused router top-k, fused RMSNorm
-    and RoPE, cuDNN-first attention and, with `options.fused_loss`, the chunked linear + cross-entropy loss.
+    """Fused routed experts in every grouped_mm MoE block (under any dispatcher) whose activation the kernels name,
+    fused router top-k, fused RMSNorm and RoPE, cuDNN-first attention and, with `options.fused_loss`, the chunked
+    linear + cross-entropy loss.
     Returns what was patched, by kind."""
     mode = options.kernels
     if mode == "off":

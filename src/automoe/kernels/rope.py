@@ -114,7 +114,7 @@ def _rope_reference_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tens
 
 def _triton_layout(q: torch.Tensor, k: torch.Tensor, dtypes: tuple[torch.dtype, torch.dtype]):
     """Empty tensors of _rope_triton's outputs: [B, H, S, D] over [B, S, H, D] memory, in `dtypes`."""
-    (batch, hq, seq, dim), hk = q.shape, k.shape[1]
+    (_, hq, seq, dim), hk = q.shape, k.shape[1]
     return (q.new_empty_strided(q.shape, (seq * hq * dim, dim, hq * dim, 1), dtype=dtypes[0]),
             k.new_empty_strided(k.shape, (seq * hk * dim, dim, hk * dim, 1), dtype=dtypes[1]))
 
