@@ -5,23 +5,23 @@ and backward, for q and k separately. Here one Triton program per (batch, positi
 rotates every q and k head in fp32, rounding once. Backward is the same rotation by -sin (halves swapped), so
 only cos and sin are kept for it.
 
-Scope: only automoe models. Each verified attention class gets a subclass whose forward marks a contextvar;
-the modeling module's `apply_rotary_pos_emb` global is replaced, once and after a probe shows it computes
-`rope_reference`, by a dispatcher that takes the fused path only while that mark is set. Plain HF models in
-the same process keep calling the original, and activation-checkpoint recomputation (which re-runs the
-attention forward) takes the fused path too.
+Scope: only automoe models. Each attention class whose forward calls a module-global `apply_rotary_pos_emb`
+that a probe shows computes `rope_reference` gets a derived class (automoe.derived) whose forward is a copy of
+HF's reading that name as a dispatcher to rope(). Nothing global changes: plain HF models in the same process
+keep calling the original.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable
-from contextvars import ContextVar
 
 import torch
 from torch import nn
 
+from ..options import KERNEL_MODES
 from .select import triton_available, use_triton
 from .swap import ForwardSwap
 
@@ -172,9 +172,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     return _rope_fwd(q, k, cos, sin, mode)
 
 
-_MODE: ContextVar[str | None] = ContextVar("automoe_rope_mode", default=None)
-
-
 def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """The shapes the probe verified: full-width cos/sin (partial rotary keeps the original path)."""
     tensors = (q, k, cos, sin)
@@ -188,15 +185,14 @@ def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             and sin.dtype == cos.dtype and not (cos.requires_grad or sin.requires_grad))
 
 
-def _dispatching(original: Callable) -> Callable:
+def _dispatching(original: Callable, mode: str) -> Callable:
+    """What the derived forward calls for `apply_rotary_pos_emb`: rope() on the shapes it verified, else HF's."""
     @functools.wraps(original)
     def apply_rotary_pos_emb(*args, **kwargs):
-        mode = _MODE.get()
-        if mode is not None and len(args) == 4 and kwargs in ({}, {"unsqueeze_dim": 1}) and _fusable(*args):
+        if len(args) == 4 and kwargs in ({}, {"unsqueeze_dim": 1}) and _fusable(*args):
             return rope(*args, mode)
         return original(*args, **kwargs)
 
-    apply_rotary_pos_emb.automoe_original = original
     return apply_rotary_pos_emb
 
 
@@ -222,32 +218,47 @@ def calls_rope(cls: type) -> bool:
     return code is not None and NAME in code.co_names
 
 
-def _install(cls: type) -> bool:
-    """Put the dispatcher in place of the global `cls.forward` calls, if that global verifies; True when in place."""
-    namespace = getattr(inspect.unwrap(cls.forward), "__globals__", {})
-    if not calls_rope(cls) or not callable(namespace.get(NAME)):
-        return False
-    current = namespace[NAME]
-    if hasattr(current, "automoe_original"):
-        return True
-    if not computes_rope(current):
-        return False
-    namespace[NAME] = _dispatching(current)
-    return True
+def _accepts(module: nn.Module) -> bool:
+    """The forward calls a global apply_rotary_pos_emb that computes rope_reference."""
+    cls = type(module)
+    original = getattr(inspect.unwrap(cls.forward), "__globals__", {}).get(NAME)
+    return calls_rope(cls) and callable(original) and computes_rope(original)
 
 
-def _marking_forward(cls: type) -> Callable:
-    """cls.forward with this module's kernels mode in the contextvar the dispatcher reads (the dispatcher is
-    installed here too: a model unpickled in a fresh process builds its subclasses through this alone)."""
-    _install(cls)
+def _reading_global(fn: Callable, value: Callable) -> Callable:
+    """A copy of `fn` whose innermost function (under decorators, e.g. HF's deprecate_kwarg) reads the global
+    `apply_rotary_pos_emb` as `value`; each wrapper is copied around the new inner function."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        # without the module's __name__: torch.compile then guards these globals as their own dict, not the module's
+        namespace = {key: item for key, item in fn.__globals__.items() if key != "__name__"}
+        new = types.FunctionType(fn.__code__, {**namespace, NAME: value}, fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        new_inner = _reading_global(inner, value)
+        cells = fn.__closure__ or ()
+        if not any(cell.cell_contents is inner for cell in cells):
+            raise TypeError(f"automoe rope: cannot see into the decorator around {fn.__qualname__}")
+        closure = tuple(types.CellType(new_inner) if cell.cell_contents is inner else cell for cell in cells)
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    if inner is not None:
+        new.__wrapped__ = new_inner
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
+def _fused_forward(cls: type) -> Callable:
+    """cls.forward, copied per kernels mode so that it calls rope() where it calls `apply_rotary_pos_emb`: the HF
+    module's global stays as it is (plain HF models keep it), no flag is read at run time (torch.compile traces
+    through), and activation-checkpoint recomputation, which re-runs this forward, takes the fused path too."""
+    original = inspect.unwrap(cls.forward).__globals__[NAME]
+    forwards = {mode: _reading_global(cls.forward, _dispatching(original, mode))
+                for mode in KERNEL_MODES if mode != "off"}
 
     @functools.wraps(cls.forward)
     def forward(self, *args, **kwargs):
-        token = _MODE.set(self.automoe_kernels)
-        try:
-            return cls.forward(self, *args, **kwargs)
-        finally:
-            _MODE.reset(token)
+        return forwards[self.automoe_kernels](self, *args, **kwargs)
 
     return forward
 
@@ -257,8 +268,4 @@ def patch_rope(model: nn.Module, mode: str) -> int:
     return SWAP.apply(model, mode)
 
 
-def _accepts(module: nn.Module) -> bool:
-    return _install(type(module))
-
-
-SWAP = ForwardSwap(__name__, _accepts, _marking_forward)
+SWAP = ForwardSwap("rope", __name__, _accepts, _fused_forward)
