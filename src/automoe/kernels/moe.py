@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..families.activation import REFERENCES as ACTIVATIONS
+from ..moe.activations import ACTIVATIONS
 from ..moe.dispatch import ExpertRows, expert_of_rows
 from ..moe.experts import weight_in_out as _in_out
 from ..moe.grouped_mm import grouped_mm as _grouped_mm
