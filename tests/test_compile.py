@@ -129,6 +129,8 @@ def test_custom_ops_fake_kernels_match_their_eager_kernels():
 def test_every_torch_path_op_passes_opcheck():
     """The ops added beside rms_norm and grouped_mm: routed experts (with biases and LoRA factors), RoPE, the combine,
     the fused loss and AdamW's in-place update."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from automoe.moe.dispatch import expert_rows
     from automoe.moe.spec import ExpertsSpec
 
@@ -148,8 +150,20 @@ def test_every_torch_path_op_passes_opcheck():
     ]:
         gate_up = param(experts, hidden, 2 * inter) if spec.transposed else param(experts, 2 * inter, hidden)
         down = param(experts, inter, hidden) if spec.transposed else param(experts, hidden, inter)
-        args = (param(tokens, hidden), *rows_args, gate_up, down, *biases, *lora, *moe._spec_args(spec), "torch")
-        torch.library.opcheck(torch.ops.automoe.routed_experts_fwd.default, args)
+        # the ops' autograd is a Function around them (kernels/moe.py), so each op is checked without grad
+        tensors = [t if t is None else t.detach() for t in (param(tokens, hidden), *rows_args, gate_up, down, *biases,
+                                                            *lora)]
+        spec_args = moe._spec_args(spec)
+        torch.library.opcheck(torch.ops.automoe.routed_experts_fwd.default, (*tensors, *spec_args, "torch"))
+        out, h, low1, low2 = torch.ops.automoe.routed_experts_fwd(*tensors, *spec_args, "torch")
+        # opcheck's modes cannot read the torch.func.vjp wrappers of the torch activation backward: the fake kernel
+        # is held to the real one by hand
+        bwd_args = (torch.randn_like(out), *tensors, low1, low2, h, *spec_args, "torch", [True] * 10)
+        real = torch.ops.automoe.routed_experts_bwd(*bwd_args)
+        with FakeTensorMode() as fake_mode:
+            fake = torch.ops.automoe.routed_experts_bwd(
+                *(fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in bwd_args))
+        assert [(t.shape, t.dtype, t.stride()) for t in fake] == [(t.shape, t.dtype, t.stride()) for t in real]
     q, k = torch.randn(2, 3, 5, 8, requires_grad=True), torch.randn(2, 1, 5, 8, requires_grad=True)
     cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
     torch.library.opcheck(torch.ops.automoe.rope_fwd.default, (q, k, cos, sin, "torch"))

@@ -179,6 +179,32 @@ def test_rope_patch_is_scoped_to_automoe_models(monkeypatch):
     assert rel(q_proj.grad, ref_q_proj.grad) < 1e-5
 
 
+def test_rope_swap_sees_through_hf_decorators_and_refuses_opaque_ones():
+    """HF's attention forwards sit under deprecate_kwarg: the derived forward copies that wrapper around its own inner
+    function. A decorator that hides the inner function elsewhere than in its closure leaves the module plain."""
+    import functools
+
+    from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
+
+    def opaque(fn):
+        holder = [fn]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            return holder[0](*args, **kwargs)
+
+        return wrapper
+
+    class HiddenForward(hf.Qwen3MoeAttention):
+        forward = opaque(hf.Qwen3MoeAttention.forward)
+
+    model = nn.ModuleList([object.__new__(HiddenForward), object.__new__(hf.Qwen3MoeAttention)])
+    for module in model:
+        nn.Module.__init__(module)
+    assert rope.patch_rope(model, "torch") == 1
+    assert type(model[0]) is HiddenForward and rope.SWAP.owns(model[1])
+
+
 def test_partial_rotary_keeps_the_original_path(monkeypatch):
     fused = []
     original = rope.rope

@@ -52,9 +52,10 @@ def routing_matrix(
     return flat.view(num_tokens, num_experts)
 
 
-# Routed experts as two custom ops (fake kernels give shapes and dtypes): torch.compile traces each as one node
-# (neither the Triton launches nor the fp32 grouped_mm, whose own fake kernel takes only bf16, are traced into),
-# and activation checkpointing and the profiler see automoe::routed_experts_fwd / _bwd whichever path runs. The
+# Routed experts as two custom ops (fake kernels give shapes and dtypes) under one autograd Function: torch.compile
+# traces each op as one node (neither the Triton launches nor the fp32 grouped_mm, whose own fake kernel takes only
+# bf16, are traced into), and activation checkpointing and the profiler see automoe::routed_experts_fwd / _bwd
+# whichever path runs. The
 # spec travels as the primitives it is made of (a custom op takes no dataclass), the activation by its name (nor a
 # module): only experts whose activation the kernels name (swiglu.triton_covers) take this path.
 def _spec_args(spec: ExpertsSpec) -> tuple:
@@ -185,24 +186,29 @@ def _(grad_out, x, token_of_row, offsets, weights, token_rows, token_ptr, gate_u
 _GRAD_INPUTS = (0, 3, 6, 7, 8, 9, 10, 11, 12, 13)  # the forward's inputs that _routed_experts_bwd returns for
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs[:14], *output[1:])
-    ctx.spec_args, ctx.mode = inputs[14:21], inputs[21]
+class _RoutedExperts(torch.autograd.Function):
+    """The two ops' autograd, as a thin Function rather than register_autograd: custom_op's autograd wrapper fills
+    in the schema's defaults at a cost quadratic in the argument count (about 0.4 ms of host time a call for these
+    22 arguments, measured on CPU with torch 2.13), where this costs what any Function does. torch.compile traces
+    the Function and keeps the ops inside it as single nodes."""
 
+    @staticmethod
+    def forward(ctx, *inputs):
+        out, *kept = _routed_experts_fwd(*inputs)
+        ctx.save_for_backward(*inputs[:14], *kept)
+        ctx.spec_args, ctx.mode = inputs[14:21], inputs[21]
+        return out
 
-def _backward(ctx, grad_out, _grad_h, _grad_low1, _grad_low2):
-    saved = ctx.saved_tensors
-    needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
-    grads = _routed_experts_bwd(grad_out.contiguous(), *saved[:14], saved[15], saved[16], saved[14], *ctx.spec_args,
-                                ctx.mode, needs)
-    inputs = [saved[i] for i in _GRAD_INPUTS]
-    out = [None] * 22
-    for i, grad, given, need in zip(_GRAD_INPUTS, grads, inputs, needs, strict=True):
-        out[i] = grad if given is not None and need else None
-    return tuple(out)
-
-
-_routed_experts_fwd.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        needs = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
+        grads = _routed_experts_bwd(grad_out.contiguous(), *saved[:14], saved[15], saved[16], saved[14],
+                                    *ctx.spec_args, ctx.mode, needs)
+        out = [None] * 22
+        for i, grad, need in zip(_GRAD_INPUTS, grads, needs, strict=True):
+            out[i] = grad if saved[i] is not None and need else None
+        return tuple(out)
 
 
 def _param_grad(inputs: torch.Tensor, grads: torch.Tensor, offsets: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
@@ -223,9 +229,8 @@ def routed_experts(
     if not triton_covers(experts.spec):
         raise ValueError(f"automoe's fused experts name their activation; {experts.spec.act_name!r} is not one of "
                          "them: leave these experts on their composed path (apply_kernels does)")
-    out, *_ = _routed_experts_fwd(tokens, rows.token_of_row, rows.offsets, rows.weights, rows.token_rows,
-                                  rows.token_ptr, *tensors, *factors, *_spec_args(experts.spec), mode)
-    return out
+    return _RoutedExperts.apply(tokens, rows.token_of_row, rows.offsets, rows.weights, rows.token_rows,
+                                rows.token_ptr, *tensors, *factors, *_spec_args(experts.spec), mode)
 
 
 def fused_experts_fn(mode: str) -> Callable[..., torch.Tensor]:

@@ -219,15 +219,23 @@ def calls_rope(cls: type) -> bool:
 
 
 def _accepts(module: nn.Module) -> bool:
-    """The forward calls a global apply_rotary_pos_emb that computes rope_reference."""
+    """The forward calls a global apply_rotary_pos_emb that computes rope_reference, under decorators that can be
+    copied around a new inner function."""
     cls = type(module)
     original = getattr(inspect.unwrap(cls.forward), "__globals__", {}).get(NAME)
-    return calls_rope(cls) and callable(original) and computes_rope(original)
+    if not (calls_rope(cls) and callable(original) and computes_rope(original)):
+        return False
+    try:
+        _reading_global(cls.forward, original)
+    except TypeError:
+        return False
+    return True
 
 
 def _reading_global(fn: Callable, value: Callable) -> Callable:
     """A copy of `fn` whose innermost function (under decorators, e.g. HF's deprecate_kwarg) reads the global
-    `apply_rotary_pos_emb` as `value`; each wrapper is copied around the new inner function."""
+    `apply_rotary_pos_emb` as `value`; each wrapper is copied around the new inner function. The copy's other
+    globals are those of the modeling module when the class was derived (a later rebinding there is not seen)."""
     inner = getattr(fn, "__wrapped__", None)
     if inner is None:
         # without the module's __name__: torch.compile then guards these globals as their own dict, not the module's
