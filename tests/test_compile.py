@@ -69,7 +69,9 @@ def automoe_ops_traced(fn, *args) -> tuple[list[str], set[str]]:
     source = str(Path(automoe.__file__).parent)
     breaks = [reason.reason for reason in explained.break_reasons
               if any(frame.filename.startswith(source) for frame in reason.user_stack)]
-    ops = {str(node.target) for graph in explained.graphs for node in graph.graph.nodes
+    modules = [module for graph in explained.graphs for module in graph.modules()  # with autograd Functions' bodies
+               if isinstance(module, torch.fx.GraphModule)]
+    ops = {str(node.target) for module in modules for node in module.graph.nodes
            if node.op == "call_function" and str(node.target).startswith("automoe.")}
     return breaks, ops
 
