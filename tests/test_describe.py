@@ -81,6 +81,18 @@ def test_swapped_modules_carry_their_own_class_names():
     assert type(norm).__name__ == "AutoMoEQwen3MoeRMSNorm" and isinstance(norm, hf.Qwen3MoeRMSNorm)
     assert type(attention).__name__ == "AutoMoEQwen3MoeAttention" and isinstance(attention, hf.Qwen3MoeAttention)
     assert "(norm): AutoMoEQwen3MoeRMSNorm" in repr(model)
+    block = model.model.layers[0].mlp
+    assert type(block).__name__ == "AutoMoEQwen3MoeSparseMoeBlock" and isinstance(block, hf.Qwen3MoeSparseMoeBlock)
+    assert type(block.experts).__name__ == "AutoMoEQwen3MoeExperts" and isinstance(block.experts, hf.Qwen3MoeExperts)
+
+
+def test_describe_lists_every_class_automoe_derived():
+    """The classes line comes from automoe.derived, the one registry of changed modules: every kind, with counts."""
+    model = AutoMoEForCausalLM.from_config(make_config("qwen3_moe"))
+    assert automoe.describe(model).splitlines()[-1] == (
+        "  classes: AutoMoEQwen3MoeAttention x2 (rope), AutoMoEQwen3MoeRMSNorm x9 (rmsnorm), "
+        "AutoMoEQwen3MoeSparseMoeBlock x2 (moe block), AutoMoEQwen3MoeExperts x2 (experts), "
+        "AutoMoEQwen3MoeTopKRouter x2 (router)")
 
 
 def test_non_gated_experts_are_described():

@@ -14,6 +14,7 @@ from tiny_configs import make_config
 from transformers import AutoModelForCausalLM
 
 from automoe import AutoMoEForCausalLM
+from automoe.derived import changes
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3", "gpt_oss", "glm4_moe"]
 
@@ -90,9 +91,9 @@ def test_hf_loading_keywords_pass_through(tmp_path):
 
 
 def runtime_classes(model: torch.nn.Module) -> dict[str, tuple[str, ...]]:
-    """Module name -> (class name, the names of what built it) for every module whose class automoe built."""
-    return {name: (type(m).__name__, *(a if isinstance(a, str) else a.__name__ for a in type(m).automoe_built_by[1]))
-            for name, m in model.named_modules() if hasattr(type(m), "automoe_built_by")}
+    """Module name -> (class name, kind of change, HF class) for every module whose class automoe derived."""
+    return {change.module: (type(model.get_submodule(change.module)).__name__, change.kind, change.hf_class)
+            for change in changes(model)}
 
 
 def test_whole_model_pickles_and_loads_in_a_fresh_process(tmp_path):
@@ -105,7 +106,7 @@ def test_whole_model_pickles_and_loads_in_a_fresh_process(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     built = runtime_classes(model)
     builders = {arg for entry in built.values() for arg in entry[1:]}
-    assert {"automoe.kernels.rmsnorm", "automoe.kernels.rope", "MoEBlock", "Qwen3MoeSparseMoeBlock"} <= builders
+    assert {"rmsnorm", "rope", "moe block", "experts", "router", "Qwen3MoeSparseMoeBlock"} <= builders
     torch.save(model, tmp_path / "model.pt")
     torch.save(ids, tmp_path / "ids.pt")
     with torch.no_grad():

@@ -1,8 +1,9 @@
 """`describe(model)`: what a model runs, per kind of module (fused Triton, torch reference, plain HF), and why.
 
-Read off the built model, not off the options: the MoE blocks automoe swapped in, the routers' and blocks' fused
-functions, the modules whose class automoe's kernels swapped (kernels/swap.py), the attention implementation and
-the instance forward of the fused loss. `summary(model)` is the one line optimize_model logs at load.
+Read off the built model, not off the options: the modules whose class automoe derived (automoe.derived, the one
+registry of those changes: MoE blocks, experts, routers, kernel-swapped norms and attention), the routers' and
+experts' fused functions, the attention implementation and the instance forward of the fused loss. `summary(model)`
+is the one line optimize_model logs at load.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .derived import changes, kind_of
 from .families.recognize import Unrecognized, block_spec, find_experts
 from .kernels import attention, rmsnorm, rope, swiglu
 from .kernels import router as router_kernel
@@ -51,13 +53,12 @@ def _moe_rows(model: nn.Module, config) -> list[Row]:
             where = "" if type(module.dispatcher) is LocalDispatcher else f" behind {type(module.dispatcher).__name__}"
             if experts.fused_forward is not None:
                 path = kernel_path(experts.fused_forward.keywords["mode"], experts.down_proj)
-                if path.path == "fused Triton" and not swiglu.triton_covers(module.spec.experts):
-                    act = module.spec.experts.act_name or _unnamed_activation(module.spec.experts.activation)
-                    path = Row("", "grouped_mm + torch activation", f"no Triton kernel for {act}")
                 rows.append(Row("moe block", f"automoe routed experts (grouped_mm{where}), activation + combine: "
                                 f"{path.path}", path.why))
             else:
-                why = "experts_backend='per_expert'" if experts.backend == "per_expert" else "kernels='off'"
+                why = ("experts_backend='per_expert'" if experts.backend == "per_expert"
+                       else "kernels='off'" if swiglu.triton_covers(module.spec.experts)
+                       else "the act_fn is none of the activations the fused kernels name")
                 rows.append(Row("moe block", f"automoe experts ({experts.backend}{where}), composed autograd", why))
             if module.spec.router is None:
                 router = type(getattr(module, module.spec.router_attr)).__name__
@@ -92,13 +93,14 @@ def _swap_rows(model: nn.Module) -> list[Row]:
     rows = []
     for module in model.modules():
         name = type(module).__name__
-        if rmsnorm.SWAP.owns(module):
+        kind = kind_of(module)
+        if kind == rmsnorm.SWAP.kind:
             path = kernel_path(module.automoe_kernels, module.weight)
             rows.append(Row("rmsnorm", path.path, path.why))
         elif name.endswith("RMSNorm"):
             rows.append(Row("rmsnorm", f"plain HF {name}", "the probe found another formula than "
                             "weight * x * rsqrt(mean(x^2) + eps)"))
-        if rope.SWAP.owns(module):
+        if kind == rope.SWAP.kind:
             path = kernel_path(module.automoe_kernels, next(module.parameters()))
             rows.append(Row("rope", path.path, path.why))
         elif rope.calls_rope(type(module)):
@@ -130,8 +132,14 @@ def rows(model: nn.Module) -> list[tuple[Row, int]]:
     return list(counted.items())
 
 
+def derived_classes(model: nn.Module) -> list[tuple[str, str, int]]:
+    """(class name, kind of change, how many modules) of every class automoe derived in `model`, in model order."""
+    counted = Counter((type(model.get_submodule(c.module)).__name__, c.kind) for c in changes(model))
+    return [(name, kind, n) for (name, kind), n in counted.items()]
+
+
 def describe(model: nn.Module) -> str:
-    """A table, per kind of module, of the path that runs and why."""
+    """A table, per kind of module, of the path that runs and why, then the classes automoe gave its modules."""
     family = getattr(model.config, "model_type", "?")
     first = next(model.parameters(), None)
     where = "" if first is None else f", {first.dtype} on {first.device.type}"
@@ -141,6 +149,9 @@ def describe(model: nn.Module) -> str:
     for row, n in table:
         why = f"  ({row.why})" if row.why else ""
         lines.append(f"  {f'{row.kind} x{n}':<{width}}  {row.path}{why}")
+    classes = derived_classes(model)
+    if classes:
+        lines.append("  classes: " + ", ".join(f"{name} x{n} ({kind})" for name, kind, n in classes))
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..kernels.combine import GatherSum
+from ..kernels.combine import combine_rows
 from ..kernels.ep_plan import PairPlan, destination_mask, pair_plan, route_counts
 from ..moe.dispatch import Dispatched, Dispatcher, expert_rows
 from .collectives import all_to_all, register_group
@@ -116,7 +116,7 @@ class AllToAllDispatcher(Dispatcher):
     def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
         send_token, token_rows, token_ptr, send_splits, recv_splits = dispatched.state
         (back,) = all_to_all([expert_out], send_splits, recv_splits, self.group)
-        return GatherSum.apply(back, send_token, token_rows, token_ptr, "auto")
+        return combine_rows(back, send_token, token_rows, token_ptr, "auto")
 
 
 class _CommStream:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.nn.modules.module import register_module_parameter_registration_hook
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from ..checkpoint.load import load_sharded_checkpoint
@@ -28,21 +29,21 @@ _BUILD_KWARGS = ("dtype", "torch_dtype", "attn_implementation", "experts_impleme
 _REFUSED_KWARGS = ("device_map", "tp_plan", "tp_size", "quantization_config", "load_in_8bit", "load_in_4bit")
 
 
+def _to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+    if param is None or param.device.type == "meta":
+        return None
+    return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+
 @contextlib.contextmanager
 def _parameters_on_meta():
-    """Parameters are created on the meta device (no memory), buffers as usual."""
-    register = nn.Module.register_parameter
-
-    def to_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = to_meta
+    """Parameters are created on the meta device (no memory), buffers as usual: torch's parameter registration
+    hook, removed on exit (nn.Module itself is not patched)."""
+    handle = register_module_parameter_registration_hook(_to_meta)
     try:
         yield
     finally:
-        nn.Module.register_parameter = register
+        handle.remove()
 
 
 def _check_kwargs(hf_kwargs: dict[str, Any]) -> None:

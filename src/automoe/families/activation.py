@@ -8,20 +8,9 @@ large magnitudes and is compared with each function automoe's kernels implement;
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..moe.spec import ACT_NAMES
-
-REFERENCES = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
-    "relu": F.relu,
-    "relu2": lambda x: F.relu(x).square(),
-}
-assert tuple(REFERENCES) == ACT_NAMES
+from ..moe.activations import ACTIVATIONS as REFERENCES
 
 
 def identify_activation(act_fn: nn.Module) -> str | None:

@@ -72,35 +72,49 @@ def _ce_grad(logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, mo
     return loss, logits
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(hidden @ weight.T, labels) * scale, with the gradients made in forward."""
+# One custom op (fake kernel: shapes and dtypes): torch.compile traces automoe::linear_cross_entropy as one node, not
+# its chunk loop and Triton launches, and the profiler and activation checkpointing see it. It returns the
+# gradients it makes beside the loss; its registered backward only scales them.
+@torch.library.custom_op("automoe::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor,
+                          mode: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum over rows of CE(hidden @ weight.T, labels) * scale, its gradients for hidden and weight)."""
+    rows = hidden.shape[0]
+    chunks = max(1, -(-rows * weight.shape[0] * hidden.element_size() // CHUNK_BYTES))
+    chunk = max(1, -(-rows // chunks))
+    grad_hidden = torch.empty_like(hidden)
+    grad_weight = torch.zeros_like(weight)
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    for start in range(0, rows, chunk):
+        h = hidden[start : start + chunk]
+        logits = h @ weight.t()
+        loss, grad = _ce_grad(logits, labels[start : start + chunk], scale, mode)
+        del logits
+        total += loss.sum()
+        torch.mm(grad, weight, out=grad_hidden[start : start + chunk])
+        # accumulated in the weight's dtype, as Liger-Kernel does: one rounding per chunk
+        grad_weight.addmm_(grad.t(), h)
+        del grad
+    return total * scale, grad_hidden, grad_weight
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, scale, mode):
-        rows = hidden.shape[0]
-        chunks = max(1, -(-rows * weight.shape[0] * hidden.element_size() // CHUNK_BYTES))
-        chunk = max(1, -(-rows // chunks))
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        for start in range(0, rows, chunk):
-            h = hidden[start : start + chunk]
-            logits = h @ weight.t()
-            loss, grad = _ce_grad(logits, labels[start : start + chunk], scale, mode)
-            del logits
-            total += loss.sum()
-            torch.mm(grad, weight, out=grad_hidden[start : start + chunk])
-            # accumulated in the weight's dtype, as Liger-Kernel does: one rounding per chunk
-            grad_weight.addmm_(grad.t(), h)
-            del grad
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        return total * scale
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_loss = grad_loss.to(grad_hidden.dtype)
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+@_linear_cross_entropy.register_fake
+def _(hidden, weight, labels, scale, mode):
+    loss = hidden.new_empty((), dtype=torch.promote_types(torch.float32, scale.dtype))
+    return loss, torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, _grad_hidden, _grad_weight):
+    grad_hidden, grad_weight = ctx.saved_tensors
+    grad_loss = grad_loss.to(grad_hidden.dtype)
+    return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+_linear_cross_entropy.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_lm_loss(
@@ -121,4 +135,5 @@ def causal_lm_loss(
         denominator = torch.as_tensor(num_items_in_batch, device=hidden.device)
     scale = (1.0 / denominator.float()).reshape(())
     h = hidden.reshape(-1, hidden.shape[-1])
-    return LinearCrossEntropy.apply(h, weight, flat.contiguous(), scale, mode)
+    loss, _, _ = _linear_cross_entropy(h, weight, flat.contiguous(), scale, mode)
+    return loss

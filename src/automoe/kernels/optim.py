@@ -56,6 +56,23 @@ def adamw_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> No
     v.copy_(vf)
 
 
+# The update as a custom op that mutates p, m and v in place: torch.compile traces automoe::adamw_step as one node
+# whichever path runs, and the profiler shows it by name.
+@torch.library.custom_op("automoe::adamw_step", mutates_args=("p", "m", "v"))
+def _adamw_step(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, beta1: float,
+                beta2: float, eps: float, weight_decay: float, step: float, kernels: str) -> None:
+    # `kernels`, not `mode`: a mutating op's functionalization passes arguments by name, beside its own `mode`
+    if use_triton(kernels, p) and all(t.is_contiguous() for t in (p, g, m, v)):
+        _launch(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+    else:
+        adamw_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
+
+
+@_adamw_step.register_fake
+def _(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, kernels) -> None:
+    return None
+
+
 class AdamW(torch.optim.Optimizer):
     """torch.optim.AdamW(lr, betas, eps, weight_decay) without amsgrad/maximize; `kernels` picks the path."""
 
@@ -111,11 +128,7 @@ class AdamW(torch.optim.Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         args = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], state["step"].item())  # CPU: no sync
-        tensors = [_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])]
-        if use_triton(self.kernels, tensors[0]) and all(t.is_contiguous() for t in tensors):
-            _launch(*tensors, *args)
-        else:
-            adamw_reference(*tensors, *args)
+        _adamw_step(*(_local(t) for t in (p, p.grad, state["exp_avg"], state["exp_avg_sq"])), *args, self.kernels)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,13 @@ from .moe import fused_experts_fn
 from .rmsnorm import patch_rms_norms
 from .rope import patch_rope
 from .router import fused_route_fn, triton_covers
+from .swiglu import triton_covers as experts_covered
 
 
 def apply_kernels(model: nn.Module, options: AutoMoEOptions) -> dict[str, int]:
-    """Fused routed experts in every grouped_mm MoE block (under any dispatcher), fused router top-k, fused RMSNorm
-    and RoPE, cuDNN-first attention and, with `options.fused_loss`, the chunked linear + cross-entropy loss.
+    """Fused routed experts in every grouped_mm MoE block (under any dispatcher) whose activation the kernels name,
+    fused router top-k, fused RMSNorm and RoPE, cuDNN-first attention and, with `options.fused_loss`, the chunked
+    linear + cross-entropy loss.
     Returns what was patched, by kind."""
     mode = options.kernels
     if mode == "off":
@@ -25,7 +27,7 @@ def apply_kernels(model: nn.Module, options: AutoMoEOptions) -> dict[str, int]:
     done = {"moe_blocks": 0, "routers": 0}
     grouped = options.experts_backend == "grouped_mm"
     for module in model.modules():
-        if grouped and isinstance(module, Experts):
+        if grouped and isinstance(module, Experts) and experts_covered(module.spec):
             module.fused_forward = fused_experts_fn(mode)
             done["moe_blocks"] += 1
         if isinstance(module, Router) and not module.balanced and triton_covers(module.spec):

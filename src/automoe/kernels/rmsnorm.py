@@ -183,4 +183,4 @@ def _fused_forward(cls: type):
     return forward
 
 
-SWAP = ForwardSwap(__name__, _is_rms_norm, _fused_forward)
+SWAP = ForwardSwap("rmsnorm", __name__, _is_rms_norm, _fused_forward)

@@ -5,23 +5,23 @@ and backward, for q and k separately. Here one Triton program per (batch, positi
 rotates every q and k head in fp32, rounding once. Backward is the same rotation by -sin (halves swapped), so
 only cos and sin are kept for it.
 
-Scope: only automoe models. Each verified attention class gets a subclass whose forward marks a contextvar;
-the modeling module's `apply_rotary_pos_emb` global is replaced, once and after a probe shows it computes
-`rope_reference`, by a dispatcher that takes the fused path only while that mark is set. Plain HF models in
-the same process keep calling the original, and activation-checkpoint recomputation (which re-runs the
-attention forward) takes the fused path too.
+Scope: only automoe models. Each attention class whose forward calls a module-global `apply_rotary_pos_emb`
+that a probe shows computes `rope_reference` gets a derived class (automoe.derived) whose forward is a copy of
+HF's reading that name as a dispatcher to rope(). Nothing global changes: plain HF models in the same process
+keep calling the original.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import types
 from collections.abc import Callable
-from contextvars import ContextVar
 
 import torch
 from torch import nn
 
+from ..options import KERNEL_MODES
 from .select import triton_available, use_triton
 from .swap import ForwardSwap
 
@@ -74,8 +74,7 @@ if triton_available():
         hk = k.shape[1]
         # [B, H, S, D] over [B, S, H, D] memory: the layout HF's q/k/v already have, which SDPA takes as is and
         # which the q/k norm's backward reads without a copy (not views, so in-place use downstream stays legal)
-        q_out = q.new_empty_strided(q.shape, (seq * hq * dim, dim, hq * dim, 1), dtype=dtypes[0])
-        k_out = k.new_empty_strided(k.shape, (seq * hk * dim, dim, hk * dim, 1), dtype=dtypes[1])
+        q_out, k_out = _triton_layout(q, k, dtypes)
         cos, sin = (t.contiguous().expand(batch, seq, dim) for t in (cos, sin))  # one stride set for both
         if batch * seq:
             block_d = triton.next_power_of_2(dim // 2)
@@ -105,33 +104,72 @@ def rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-class RopeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos, sin, mode):
-        ctx.save_for_backward(cos, sin)
-        ctx.mode, ctx.dtypes = mode, (q.dtype, k.dtype)
-        if use_triton(mode, q):
-            dtypes = (torch.result_type(q, cos), torch.result_type(k, cos))
-            return _rope_triton(q, k, cos, sin, dtypes, backward=False)
-        return rope_reference(q, k, cos, sin)
+def _rope_reference_backward(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                             dtypes: tuple[torch.dtype, torch.dtype]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transpose of rope_reference's rotation, each gradient in its input's dtype."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    grads = (g * cos + _rotate_half_transposed(g * sin) for g in (dq, dk))
+    return tuple(g.to(dtype) for g, dtype in zip(grads, dtypes, strict=True))
 
-    @staticmethod
-    def backward(ctx, dq, dk):
-        cos, sin = ctx.saved_tensors
-        if use_triton(ctx.mode, dq):
-            return *_rope_triton(dq, dk, cos, sin, ctx.dtypes, backward=True), None, None, None
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        grads = (g * cos + _rotate_half_transposed(g * sin) for g in (dq, dk))
-        return *(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)), None, None, None
+
+def _triton_layout(q: torch.Tensor, k: torch.Tensor, dtypes: tuple[torch.dtype, torch.dtype]):
+    """Empty tensors of _rope_triton's outputs: [B, H, S, D] over [B, S, H, D] memory, in `dtypes`."""
+    (_, hq, seq, dim), hk = q.shape, k.shape[1]
+    return (q.new_empty_strided(q.shape, (seq * hq * dim, dim, hq * dim, 1), dtype=dtypes[0]),
+            k.new_empty_strided(k.shape, (seq * hk * dim, dim, hk * dim, 1), dtype=dtypes[1]))
+
+
+# Custom ops (fake kernels give shapes, dtypes and strides): torch.compile, activation checkpointing and the profiler
+# see one automoe::rope_fwd / automoe::rope_bwd each, whichever path runs inside. Off the Triton path the fake runs
+# the reference itself on fake tensors, which gives its outputs' strides exactly.
+@torch.library.custom_op("automoe::rope_fwd", mutates_args=())
+def _rope_fwd(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(mode, q):
+        return _rope_triton(q, k, cos, sin, (torch.result_type(q, cos), torch.result_type(k, cos)), backward=False)
+    return rope_reference(q, k, cos, sin)
+
+
+@_rope_fwd.register_fake
+def _(q, k, cos, sin, mode):
+    if use_triton(mode, q):
+        return _triton_layout(q, k, (torch.result_type(q, cos), torch.result_type(k, cos)))
+    return rope_reference(q, k, cos, sin)
+
+
+@torch.library.custom_op("automoe::rope_bwd", mutates_args=())
+def _rope_bwd(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_dtype: torch.dtype,
+              k_dtype: torch.dtype, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(mode, dq):
+        return _rope_triton(dq, dk, cos, sin, (q_dtype, k_dtype), backward=True)
+    return _rope_reference_backward(dq, dk, cos, sin, (q_dtype, k_dtype))
+
+
+@_rope_bwd.register_fake
+def _(dq, dk, cos, sin, q_dtype, k_dtype, mode):
+    if use_triton(mode, dq):
+        return _triton_layout(dq, dk, (q_dtype, k_dtype))
+    return _rope_reference_backward(dq, dk, cos, sin, (q_dtype, k_dtype))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, cos, sin, mode = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.mode, ctx.dtypes = mode, (q.dtype, k.dtype)
+
+
+def _backward(ctx, dq, dk):
+    cos, sin = ctx.saved_tensors
+    return *_rope_bwd(dq, dk, cos, sin, *ctx.dtypes, ctx.mode), None, None, None
+
+
+_rope_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
          mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q [B, Hq, S, D] and k [B, Hk, S, D] (any strides) by cos/sin [B or 1, S, D]."""
-    return RopeFunction.apply(q, k, cos, sin, mode)
-
-
-_MODE: ContextVar[str | None] = ContextVar("automoe_rope_mode", default=None)
+    return _rope_fwd(q, k, cos, sin, mode)
 
 
 def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -147,15 +185,14 @@ def _fusable(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
             and sin.dtype == cos.dtype and not (cos.requires_grad or sin.requires_grad))
 
 
-def _dispatching(original: Callable) -> Callable:
+def _dispatching(original: Callable, mode: str) -> Callable:
+    """What the derived forward calls for `apply_rotary_pos_emb`: rope() on the shapes it verified, else HF's."""
     @functools.wraps(original)
     def apply_rotary_pos_emb(*args, **kwargs):
-        mode = _MODE.get()
-        if mode is not None and len(args) == 4 and kwargs in ({}, {"unsqueeze_dim": 1}) and _fusable(*args):
+        if len(args) == 4 and kwargs in ({}, {"unsqueeze_dim": 1}) and _fusable(*args):
             return rope(*args, mode)
         return original(*args, **kwargs)
 
-    apply_rotary_pos_emb.automoe_original = original
     return apply_rotary_pos_emb
 
 
@@ -181,32 +218,55 @@ def calls_rope(cls: type) -> bool:
     return code is not None and NAME in code.co_names
 
 
-def _install(cls: type) -> bool:
-    """Put the dispatcher in place of the global `cls.forward` calls, if that global verifies; True when in place."""
-    namespace = getattr(inspect.unwrap(cls.forward), "__globals__", {})
-    if not calls_rope(cls) or not callable(namespace.get(NAME)):
+def _accepts(module: nn.Module) -> bool:
+    """The forward calls a global apply_rotary_pos_emb that computes rope_reference, under decorators that can be
+    copied around a new inner function."""
+    cls = type(module)
+    original = getattr(inspect.unwrap(cls.forward), "__globals__", {}).get(NAME)
+    if not (calls_rope(cls) and callable(original) and computes_rope(original)):
         return False
-    current = namespace[NAME]
-    if hasattr(current, "automoe_original"):
-        return True
-    if not computes_rope(current):
+    try:
+        _reading_global(cls.forward, original)
+    except TypeError:
         return False
-    namespace[NAME] = _dispatching(current)
     return True
 
 
-def _marking_forward(cls: type) -> Callable:
-    """cls.forward with this module's kernels mode in the contextvar the dispatcher reads (the dispatcher is
-    installed here too: a model unpickled in a fresh process builds its subclasses through this alone)."""
-    _install(cls)
+def _reading_global(fn: Callable, value: Callable) -> Callable:
+    """A copy of `fn` whose innermost function (under decorators, e.g. HF's deprecate_kwarg) reads the global
+    `apply_rotary_pos_emb` as `value`; each wrapper is copied around the new inner function. The copy's other
+    globals are those of the modeling module when the class was derived (a later rebinding there is not seen)."""
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        # without the module's __name__: torch.compile then guards these globals as their own dict, not the module's
+        namespace = {key: item for key, item in fn.__globals__.items() if key != "__name__"}
+        new = types.FunctionType(fn.__code__, {**namespace, NAME: value}, fn.__name__, fn.__defaults__, fn.__closure__)
+    else:
+        new_inner = _reading_global(inner, value)
+        cells = fn.__closure__ or ()
+        if not any(cell.cell_contents is inner for cell in cells):
+            raise TypeError(f"automoe rope: cannot see into the decorator around {fn.__qualname__}")
+        closure = tuple(types.CellType(new_inner) if cell.cell_contents is inner else cell for cell in cells)
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, closure)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    if inner is not None:
+        new.__wrapped__ = new_inner
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
+def _fused_forward(cls: type) -> Callable:
+    """cls.forward, copied per kernels mode so that it calls rope() where it calls `apply_rotary_pos_emb`: the HF
+    module's global stays as it is (plain HF models keep it), no flag is read at run time (torch.compile traces
+    through), and activation-checkpoint recomputation, which re-runs this forward, takes the fused path too."""
+    original = inspect.unwrap(cls.forward).__globals__[NAME]
+    forwards = {mode: _reading_global(cls.forward, _dispatching(original, mode))
+                for mode in KERNEL_MODES if mode != "off"}
 
     @functools.wraps(cls.forward)
     def forward(self, *args, **kwargs):
-        token = _MODE.set(self.automoe_kernels)
-        try:
-            return cls.forward(self, *args, **kwargs)
-        finally:
-            _MODE.reset(token)
+        return forwards[self.automoe_kernels](self, *args, **kwargs)
 
     return forward
 
@@ -216,8 +276,4 @@ def patch_rope(model: nn.Module, mode: str) -> int:
     return SWAP.apply(model, mode)
 
 
-def _accepts(module: nn.Module) -> bool:
-    return _install(type(module))
-
-
-SWAP = ForwardSwap(__name__, _accepts, _marking_forward)
+SWAP = ForwardSwap("rope", __name__, _accepts, _fused_forward)

@@ -99,41 +99,66 @@ def triton_covers(spec: RouterSpec) -> bool:
     return spec.score_func in ("softmax", "topk_softmax")
 
 
-def _launch_args(spec: RouterSpec, experts: int) -> dict:
-    softmax = spec.score_func == "softmax"
-    return dict(SOFTMAX=softmax, NORM=softmax and spec.norm_topk_prob, BLOCK=triton.next_power_of_2(experts),
-                K_BLOCK=triton.next_power_of_2(spec.top_k))
+def _launch_args(experts: int, top_k: int, softmax: bool, norm: bool) -> dict:
+    return dict(SOFTMAX=softmax, NORM=softmax and norm, BLOCK=triton.next_power_of_2(experts),
+                K_BLOCK=triton.next_power_of_2(top_k))
 
 
-class RouteFunction(torch.autograd.Function):
-    """(weights, ids) of `route` for [T, E] logits; ids are int64 and carry no gradient."""
+# The kernels as custom ops (fake kernels give shapes and dtypes): torch.compile traces one automoe::route_fwd /
+# route_bwd node each way instead of the Triton launches, and the profiler and activation checkpointing see them.
+# The spec travels as the primitives the kernels read (a custom op takes no dataclass).
+@torch.library.custom_op("automoe::route_fwd", mutates_args=())
+def _route_fwd(logits: torch.Tensor, top_k: int, softmax: bool, norm: bool, scale: float, eps: float,
+               fp32_weights: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [T, k], ids [T, k] int64, fp32 log-sum-exp [T]) of contiguous [T, E] logits."""
+    rows, experts = logits.shape
+    weights = torch.empty(rows, top_k, device=logits.device, dtype=torch.float32 if fp32_weights else logits.dtype)
+    ids = torch.empty(rows, top_k, device=logits.device, dtype=torch.int64)
+    lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    if rows:
+        _route_fwd_kernel[(rows,)](logits, weights, ids, lse, experts, top_k, scale, eps,
+                                   **_launch_args(experts, top_k, softmax, norm))
+    return weights, ids, lse
 
-    @staticmethod
-    def forward(ctx, logits, spec):
-        x = logits.contiguous()
-        rows, experts = x.shape
-        fp32 = spec.score_func == "softmax" and spec.weights_in_fp32
-        weights = torch.empty(rows, spec.top_k, device=x.device, dtype=torch.float32 if fp32 else x.dtype)
-        ids = torch.empty(rows, spec.top_k, device=x.device, dtype=torch.int64)
-        lse = torch.empty(rows, device=x.device, dtype=torch.float32)
-        if rows:
-            _route_fwd_kernel[(rows,)](x, weights, ids, lse, experts, spec.top_k, spec.routed_scaling_factor,
-                                       spec.renorm_eps, **_launch_args(spec, experts))
-        ctx.save_for_backward(x, ids, lse)
-        ctx.spec = spec
-        ctx.mark_non_differentiable(ids)
-        return weights, ids
 
-    @staticmethod
-    def backward(ctx, grad_weights, _grad_ids):
-        x, ids, lse = ctx.saved_tensors
-        spec = ctx.spec
-        rows, experts = x.shape
-        dx = torch.empty_like(x)
-        if rows:
-            _route_bwd_kernel[(rows,)](grad_weights.contiguous(), x, ids, lse, dx, experts, spec.top_k,
-                                       spec.routed_scaling_factor, spec.renorm_eps, **_launch_args(spec, experts))
-        return dx, None
+@_route_fwd.register_fake
+def _(logits, top_k, softmax, norm, scale, eps, fp32_weights):
+    rows = logits.shape[0]
+    return (logits.new_empty(rows, top_k, dtype=torch.float32 if fp32_weights else logits.dtype),
+            logits.new_empty(rows, top_k, dtype=torch.int64), logits.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("automoe::route_bwd", mutates_args=())
+def _route_bwd(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, lse: torch.Tensor,
+               softmax: bool, norm: bool, scale: float, eps: float) -> torch.Tensor:
+    """d logits [T, E] from d weights [T, k] and what the forward kept (logits, ids, lse)."""
+    rows, experts = logits.shape
+    top_k = ids.shape[1]
+    dx = torch.empty_like(logits)
+    if rows:
+        _route_bwd_kernel[(rows,)](grad_weights, logits, ids, lse, dx, experts, top_k, scale, eps,
+                                   **_launch_args(experts, top_k, softmax, norm))
+    return dx
+
+
+@_route_bwd.register_fake
+def _(grad_weights, logits, ids, lse, softmax, norm, scale, eps):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, _, softmax, norm, scale, eps, _ = inputs
+    ctx.save_for_backward(logits, output[1], output[2])
+    ctx.args = (softmax, norm, scale, eps)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad_weights, _grad_ids, _grad_lse):
+    logits, ids, lse = ctx.saved_tensors
+    return _route_bwd(grad_weights.contiguous(), logits, ids, lse, *ctx.args), None, None, None, None, None, None
+
+
+_route_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_route(logits: torch.Tensor, spec: RouterSpec, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +166,10 @@ def fused_route(logits: torch.Tensor, spec: RouterSpec, mode: str) -> tuple[torc
     if not triton_covers(spec):
         raise ValueError(f"the fused router covers softmax and topk_softmax routers, not {spec.score_func!r}")
     if use_triton(mode, logits):
-        return RouteFunction.apply(logits, spec)
+        weights, ids, _ = _route_fwd(logits.contiguous(), spec.top_k, spec.score_func == "softmax",
+                                     spec.norm_topk_prob, float(spec.routed_scaling_factor), float(spec.renorm_eps),
+                                     spec.score_func == "softmax" and spec.weights_in_fp32)
+        return weights, ids
     return route(logits, spec, None)
 
 

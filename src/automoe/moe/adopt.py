@@ -1,4 +1,4 @@
-"""Move tensors from an HF module into its automoe replacement without copying them.
+"""Move tensors from an HF module into its automoe replacement without copying them; the replacement's class.
 
 The replacement must own the very same tensors under the same names, with the same kind (parameter,
 persistent or non-persistent buffer), so that state_dict keys, HF loading and HF saving see no difference.
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..runtime_classes import built_by
-
-_HF_SUBCLASSES: dict[tuple[type, type], type] = {}
+from ..derived import derived_class, register_kind
+from .block import MoEBlock
+from .experts import Experts
+from .router import Router
 
 
 def adopt_tensors(dst: nn.Module, src: nn.Module, names: list[str]) -> None:
@@ -26,19 +27,21 @@ def adopt_tensors(dst: nn.Module, src: nn.Module, names: list[str]) -> None:
             dst.register_buffer(name, buffer, persistent=name not in src._non_persistent_buffers_set)
 
 
-def hf_compatible_class(automoe_cls: type[nn.Module], hf_cls: type[nn.Module]) -> type[nn.Module]:
-    """A subclass of `automoe_cls` that is also an instance of `hf_cls`.
+def _hf_compatible(automoe_cls: type[nn.Module]):
+    def derive(hf_cls: type) -> tuple[tuple[type, ...], dict]:
+        return (automoe_cls, hf_cls), {}
 
-    HF finds modules by class for weight init (`_init_weights`) and for recording outputs such as
-    `router_logits`, from which it computes the aux loss. Passing `isinstance(m, hf_cls)` keeps all of that
-    working unchanged; automoe's forward comes first in the MRO, and automoe classes call
-    `nn.Module.__init__` directly so the HF constructor is never run.
-    """
-    key = (automoe_cls, hf_cls)
-    if key not in _HF_SUBCLASSES:
-        _HF_SUBCLASSES[key] = type(
-            f"{automoe_cls.__name__}As{hf_cls.__name__}",
-            (automoe_cls, hf_cls),
-            {"__module__": automoe_cls.__module__, **built_by(hf_compatible_class, automoe_cls, hf_cls)},
-        )
-    return _HF_SUBCLASSES[key]
+    return derive
+
+
+# HF finds modules by class for weight init (`_init_weights`) and for recording outputs such as `router_logits`, from
+# which it computes the aux loss: a replacement that is an instance of the HF class keeps all of that working. The
+# automoe class comes first in the MRO, and automoe classes call `nn.Module.__init__` directly, so the HF constructor
+# is never run.
+_KINDS = {automoe_cls: register_kind(kind, __name__, _hf_compatible(automoe_cls))
+          for kind, automoe_cls in (("moe block", MoEBlock), ("experts", Experts), ("router", Router))}
+
+
+def hf_compatible_class(automoe_cls: type[nn.Module], hf_cls: type[nn.Module]) -> type[nn.Module]:
+    """The derived class (automoe_cls, hf_cls), AutoMoE<hf_cls name>, that replaces an `hf_cls` module."""
+    return derived_class(_KINDS[automoe_cls], hf_cls)

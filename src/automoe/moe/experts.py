@@ -2,7 +2,7 @@
 
 The one interface every dispatcher wraps (local or expert-parallel): `experts(tokens [N, H], rows)` returns [N, H],
 each token's outputs of its experts here times their routing weights, summed. `rows` (moe.dispatch.ExpertRows)
-says which token each expert row is, rows sorted by local expert. Paths: the fused autograd Function of
+says which token each expert row is, rows sorted by local expert. Paths: the fused custom ops of
 automoe.kernels (set in `fused_forward` by apply_kernels), or composed autograd ops with one grouped GEMM per
 projection ("grouped_mm") or a plain loop over experts ("per_expert", the reference the tests hold the fast
 paths to). Under expert parallelism the tensors are DTensors Shard(0) over `ep`; the forward computes on their

@@ -7,12 +7,12 @@ expert e's A_e) and lora_B [out, r*E] (column j*E + e is column j of expert e's 
 is scaling * B_e @ A_e in the [out, in] sense, whichever way the parameter itself is stored (peft reads the
 experts' `is_transposed`). The block keeps peft's modules, names and tensors as they are (so save_pretrained,
 loading into plain HF + peft and merge_and_unload see what they see on the HF model) and only reads the factors
-from them, as views, in grouped_mm's orientation: a [E, in, r] and b [E, r, out], scaling folded into b. Under expert
-parallelism (distributed.adapters) lora_A and lora_B are DTensors whose local shards are this same layout for the
-rank's own experts, and the factors are read from those shards.
-The projection math (`project` and its gradients) is shared by the fused Function (kernels.moe.RoutedExperts) and
+from them, as views, in grouped_mm's orientation: a [E, in, r] and b [E, r, out], scaling folded into b.
+Under expert parallelism (distributed.adapters) lora_A and lora_B are DTensors whose local shards are this same
+layout for the rank's own experts, and the factors are read from those shards.
+The projection math (`project` and its gradients) is shared by the fused custom ops (kernels.moe) and
 the composed path of Experts: on the routed rows a projection is y = x W_e + (x a_e) b_e, two grouped GEMMs of rank
-r beside the base one, never W + B·A; the rank-r product x a_e is all the Function keeps for backward ([rows, r],
+r beside the base one, never W + B·A; the rank-r product x a_e is all the fused ops keep for backward ([rows, r],
 about 1 MB a layer at 4096 tokens).
 """
 
