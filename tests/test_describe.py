@@ -52,7 +52,8 @@ def test_per_expert_and_unrecognised_blocks_are_named():
 
 
 def test_parts_kept_as_hf_code_are_named(monkeypatch):
-    # PhiMoE's sparsemixer router and HY-V4's clamped gate have no automoe rule: HF's code runs there, on torch
+    # PhiMoE's sparsemixer router and HY-V4's clamped gate have no automoe rule: HF's code runs there, on torch;
+    # experts whose activation the kernels cannot name take the composed path even where Triton runs
     got = paths(AutoMoEForCausalLM.from_config(make_config("phimoe")))
     assert got["router"] == ["plain HF PhimoeTopKRouter, torch (no automoe router rule reproduces it)"], got
     assert "automoe routed experts (grouped_mm)" in got["moe block"][0]
@@ -60,8 +61,8 @@ def test_parts_kept_as_hf_code_are_named(monkeypatch):
     module = sys.modules["automoe.describe"]  # `automoe.describe` is the function
     monkeypatch.setattr(module, "kernel_path", lambda mode, tensor: Row("", "fused Triton"))  # as on CUDA
     assert paths(model)["moe block"] == [
-        "automoe routed experts (grouped_mm), activation + combine: grouped_mm + torch activation (no Triton kernel "
-        "for the experts' own gate activation (HF's _apply_gate))"]
+        "automoe experts (grouped_mm), composed autograd (no Triton kernel for the experts' own gate activation "
+        "(HF's _apply_gate))"]
 
 
 def test_one_summary_line_is_logged_at_load(caplog):

@@ -58,7 +58,8 @@ def _moe_rows(model: nn.Module, config) -> list[Row]:
             else:
                 why = ("experts_backend='per_expert'" if experts.backend == "per_expert"
                        else "kernels='off'" if swiglu.triton_covers(module.spec.experts)
-                       else "the act_fn is none of the activations the fused kernels name")
+                       else "no Triton kernel for "
+                       + (module.spec.experts.act_name or _unnamed_activation(module.spec.experts.activation)))
                 rows.append(Row("moe block", f"automoe experts ({experts.backend}{where}), composed autograd", why))
             if module.spec.router is None:
                 router = type(getattr(module, module.spec.router_attr)).__name__

@@ -176,6 +176,54 @@ def weighted_activation(
     return out
 
 
+def _act_and_grad(g: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(g), act'(g)) for a name of ACT_NAMES, in torch: the kernels' `_act`."""
+    if name == "silu":
+        sig = torch.sigmoid(g)
+        return g * sig, sig * (1.0 + g * (1.0 - sig))
+    if name == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(g * 0.7071067811865476))
+        return g * cdf, cdf + g * torch.exp(-0.5 * g * g) * 0.3989422804014327
+    if name == "gelu_tanh":
+        t = torch.tanh(0.7978845608028654 * (g + 0.044715 * g * g * g))
+        d_inner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+        return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * d_inner
+    if name == "quick_gelu":
+        sig = torch.sigmoid(1.702 * g)
+        return g * sig, sig + 1.702 * g * sig * (1.0 - sig)
+    if name == "relu":
+        return g.clamp(min=0.0), (g > 0).to(g.dtype)
+    r = g.clamp(min=0.0)
+    return r * r, 2.0 * r
+
+
+def _weighted_activation_backward_reference(
+    grad: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, bias: GateUpBias | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kernels' backward in torch, with the derivatives written out: it runs inside the routed-experts custom
+    op, below autograd (where autograd.grad sees no graph), and functorch's vjp there fails under any
+    TorchDispatchMode active around the backward (an op counter, FlopCounterMode)."""
+    h32, w, grad = _biased(h, bias), weights.float()[:, None], grad.float()
+    if not spec.has_gate:
+        a, da_du = _act_and_grad(h32, spec.act_name)
+        return (grad * w * da_du).to(h.dtype), (grad * a).sum(dim=1), (a * w).to(h.dtype)
+    g, u = (h32[:, ::2], h32[:, 1::2]) if spec.interleaved else h32.chunk(2, dim=-1)
+    if spec.activation == "clamped_swiglu":
+        limit, alpha = spec.swiglu_limit, spec.swiglu_alpha
+        gc, uc = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+        sig = torch.sigmoid(alpha * gc)
+        glu = gc * sig
+        a = (uc + 1.0) * glu
+        da_dg = torch.where(g <= limit, (uc + 1.0) * (sig + alpha * glu * (1.0 - sig)), 0.0)
+        da_du = torch.where((u >= -limit) & (u <= limit), glu, 0.0)
+    else:
+        act, d_act = _act_and_grad(g, spec.act_name)
+        a, da_dg, da_du = act * u, u * d_act, act
+    d_gate, d_up = grad * w * da_dg, grad * w * da_du
+    dh = torch.stack([d_gate, d_up], dim=-1).flatten(-2) if spec.interleaved else torch.cat([d_gate, d_up], dim=-1)
+    return dh.to(h.dtype), (grad * a).sum(dim=1), (a * w).to(h.dtype)
+
+
 def weighted_activation_backward(
     grad: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module, mode: str,
     bias: GateUpBias | None = None,
@@ -183,13 +231,7 @@ def weighted_activation_backward(
     """(d h [S, 2I], d weights [S] fp32, the recomputed activation [S, I]) from d a [S, I]. d h is also each
     row's gradient of the gate/up bias."""
     if not (triton_covers(spec) and use_triton(mode, h)):
-        def weighted(h_: torch.Tensor, w_: torch.Tensor) -> torch.Tensor:
-            return gated_activation(_biased(h_, bias), spec, act_fn) * w_[:, None]
-
-        # torch.func.vjp, not autograd.grad: torch.compile traces it without a graph break
-        out, pull = torch.func.vjp(weighted, h.detach(), weights.detach().float())
-        dh, dw = pull(grad.float())
-        return dh.to(h.dtype), dw, out.to(h.dtype)
+        return _weighted_activation_backward_reference(grad, h, weights, spec, bias)
     rows, inter = h.shape[0], h.shape[1] // (2 if spec.has_gate else 1)
     dh = torch.empty_like(h)
     dw = torch.empty(rows, device=h.device, dtype=torch.float32)
