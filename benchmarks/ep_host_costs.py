@@ -16,22 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-
-def _init_world_of_one(device: torch.device) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+from ep_loopback import init_world_of_one  # this folder's script, on sys.path when run as one
 
 
 def host_us(fn, device: torch.device, reps: int) -> float:
@@ -50,19 +41,13 @@ def host_us(fn, device: torch.device, reps: int) -> float:
     return best
 
 
-def _to_host(sizes: torch.Tensor) -> None:
-    if sizes.is_cuda:
-        torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True).copy_(sizes, non_blocking=True)
-        torch.cuda.Event().record()
-
-
 def measure(args: argparse.Namespace) -> dict:
     from automoe.distributed.collectives import all_to_all, register_group
-    from automoe.distributed.dispatch import AllToAllDispatcher
+    from automoe.distributed.dispatch import AllToAllDispatcher, start_to_host
     from automoe.moe.dispatch import LocalDispatcher, token_major
 
     device = torch.device(args.device)
-    _init_world_of_one(device)
+    init_world_of_one(device)
     group = dist.group.WORLD
     name = register_group(group)
     t, k, e, h = args.tokens, args.top_k, args.experts, args.hidden
@@ -90,7 +75,7 @@ def measure(args: argparse.Namespace) -> dict:
     flat_ids = ids.reshape(-1)
     sizes = torch.zeros(3, dtype=torch.int64, device=device)
     pieces.update({
-        "plan part: pinned buffer + copy + event": lambda: _to_host(sizes),
+        "plan part: pinned buffer + copy + event": lambda: start_to_host(sizes),
         "plan part: stable sort of the pairs (bool [T])": lambda: torch.sort(~owns.t().reshape(-1), stable=True),
         "plan part: token_major (combine CSR)": lambda: token_major(owns, torch.arange(t, device=device)[:, None], t),
         "expert_rows part: stable sort int64 [T*k]": lambda: torch.sort(flat_ids, stable=True),

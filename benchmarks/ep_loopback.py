@@ -78,7 +78,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init_world_of_one(device: torch.device) -> None:
+def init_world_of_one(device: torch.device) -> None:
+    """A world-size-1 process group on this machine: nccl on CUDA, gloo on CPU (also used by ep_host_costs.py and
+    ep_model.py)."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
@@ -103,7 +105,7 @@ def _build_distributed(column: str, config, options: dict, device: torch.device)
     from automoe import AutoMoEForCausalLM, create_distributed_setup_from_config
     from automoe.moe.block import MoEBlock
 
-    _init_world_of_one(device)
+    init_world_of_one(device)
     keys = {"ep_size": 1, "dispatcher": "all_to_all"} if column == "loopback" else {"ep_size": 1}
     setup = create_distributed_setup_from_config(keys)
     model = AutoMoEForCausalLM.from_config(config, automoe_options=options, distributed_setup=setup,

@@ -294,9 +294,8 @@ def payload(config, router: nn.Module) -> dict[str, dict[str, int]]:
     counted: distributed/dispatch.py's AllToAllDispatcher runs one layer forward and backward in a world-size-1
     gloo group, on bf16 hidden states and routing weights in the router's output dtype, and every
     all_to_all_single it makes is recorded (the payload all-to-all is the one with the most bytes a row)."""
-    import os
-
     import torch.distributed as dist
+    from ep_loopback import init_world_of_one  # this folder's script, on sys.path when run as one
 
     from automoe.distributed.dispatch import AllToAllDispatcher
 
@@ -313,8 +312,7 @@ def payload(config, router: nn.Module) -> dict[str, dict[str, int]]:
             calls[phase].append(inp[0].numel() * inp.element_size())
         return original(output, inp, *args, **kwargs)
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    init_world_of_one(torch.device("cpu"))
     dist.all_to_all_single = counting
     try:
         dispatcher = AllToAllDispatcher(config.num_experts, dist.group.WORLD)
@@ -327,14 +325,6 @@ def payload(config, router: nn.Module) -> dict[str, dict[str, int]]:
     fwd, bwd = calls["fwd"], calls["bwd"]
     return {"fwd": {"dispatch": max(fwd), "combine": fwd[-1], "calls": len(fwd)},
             "bwd": {"dispatch": max(bwd), "combine": bwd[0], "calls": len(bwd)}}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fsdp_bytes(config, world: int) -> dict[str, float]:

@@ -40,6 +40,24 @@ def test_act_fn_is_named_by_what_it_computes(hidden_act, name):
     assert identify_activation(ACT2FN[hidden_act]) == name
 
 
+@pytest.mark.parametrize("hidden_act", ["silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu", "relu2"])
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved", "no gate"])
+def test_torch_backward_is_the_derivative_of_the_act_fn(hidden_act, layout):
+    """The torch backward writes each named activation's derivative out (it runs below autograd, inside the
+    routed-experts op): it equals autograd through HF's own act_fn, on CPU in fp32."""
+    act_fn = ACT2FN[hidden_act]
+    spec = ExpertsSpec(num_experts=4, hidden_size=16, intermediate_size=40, interleaved=layout == "interleaved",
+                       has_gate=layout != "no gate", act_name=identify_activation(act_fn))
+    h = (torch.randn(29, 80 if spec.has_gate else 40) * 3).requires_grad_()
+    w = torch.rand(29, requires_grad=True)
+    out = swiglu.weighted_activation_reference(h, w, spec, act_fn)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    dh, dw, act = swiglu.weighted_activation_backward(grad, h.detach(), w.detach(), spec, "torch")
+    assert rel(act, out.detach()) < 1e-6
+    assert rel(dh, h.grad) < 1e-5 and rel(dw, w.grad) < 1e-5
+
+
 @needs_kernels
 @pytest.mark.parametrize("hidden_act", ["silu", "gelu", "gelu_pytorch_tanh", "quick_gelu", "relu", "relu2"])
 @pytest.mark.parametrize("layout", ["concatenated", "interleaved", "no gate"])
@@ -52,8 +70,8 @@ def test_kernel_computes_the_named_activation(hidden_act, layout):
     grad = torch.randn(29, 40, device=DEVICE).to(DTYPE)
     out = swiglu.weighted_activation(h, w, spec, act_fn, "triton")
     assert rel(out, swiglu.weighted_activation_reference(h.float(), w, spec, act_fn)) < TOL
-    got = swiglu.weighted_activation_backward(grad, h, w, spec, act_fn, "triton")
-    want = swiglu.weighted_activation_backward(grad.float(), h.float(), w, spec, act_fn, "torch")
+    got = swiglu.weighted_activation_backward(grad, h, w, spec, "triton")
+    want = swiglu.weighted_activation_backward(grad.float(), h.float(), w, spec, "torch")
     for a, b in zip(got, want, strict=True):
         assert rel(a, b) < TOL
 

@@ -56,16 +56,11 @@ def _from_bytes(packed: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Te
 
 def _all_to_all(tensors: list[torch.Tensor], out_splits: list[int], in_splits: list[int], group_name: str
                 ) -> list[torch.Tensor]:
-    group, rows = _GROUPS[group_name], sum(in_splits)
-    if len(tensors) == 1:
-        x = tensors[0][:rows].contiguous()
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-        return [out]
-    packed = _as_bytes(tensors, rows)
-    received = packed.new_empty((sum(out_splits), packed.shape[1]))
-    dist.all_to_all_single(received, packed, out_splits, in_splits, group=group)
-    return _from_bytes(received, tensors)
+    rows, single = sum(in_splits), len(tensors) == 1  # one tensor travels as it is, several packed as bytes
+    sent = tensors[0][:rows].contiguous() if single else _as_bytes(tensors, rows)
+    received = sent.new_empty((sum(out_splits), *sent.shape[1:]))
+    dist.all_to_all_single(received, sent, out_splits, in_splits, group=_GROUPS[group_name])
+    return [received] if single else _from_bytes(received, tensors)
 
 
 def _fake(tensors: list[torch.Tensor], out_splits: list[int], in_splits: list[int], group_name: str

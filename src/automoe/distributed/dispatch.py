@@ -31,6 +31,17 @@ def rows_per_destination(topk_ids: torch.Tensor, num_experts: int, ep_size: int)
     return destination_mask(topk_ids, num_experts, ep_size).sum(dim=0)
 
 
+def start_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """(the tensor on its way to pinned host memory, the event to wait on before reading it); a CPU tensor as it
+    is, with no event."""
+    if not tensor.is_cuda:
+        return tensor, None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 @dataclass
 class _Plan:
     """What a layer's dispatch needs that depends only on its routing, built before the host waits for the sizes."""
@@ -58,7 +69,6 @@ class AllToAllDispatcher(Dispatcher):
         self.chunks = chunks
         self.group = register_group(group)
         self.ep_size = dist.get_world_size(group)
-        self.ep_rank = dist.get_rank(group)
         if num_experts % self.ep_size:
             raise ValueError(f"ep size {self.ep_size} does not divide {num_experts} experts")
         self.num_experts = num_experts
@@ -71,12 +81,7 @@ class AllToAllDispatcher(Dispatcher):
         counts, owns = route_counts(topk_ids, self.num_experts, self.ep_size)
         (received,) = all_to_all([counts], [1] * self.ep_size, [1] * self.ep_size, self.group)
         pairs = pair_plan(topk_ids, owns, counts, received)
-        sizes, ready = pairs.sizes, None
-        if sizes.is_cuda:
-            sizes = torch.empty(sizes.shape, dtype=sizes.dtype, pin_memory=True).copy_(sizes, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        return _Plan(pairs, sizes, ready)
+        return _Plan(pairs, *start_to_host(pairs.sizes))
 
     def dispatch(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, plan: _Plan | None = None

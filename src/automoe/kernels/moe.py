@@ -132,7 +132,6 @@ def _routed_experts_bwd(
     """Gradients of (x, weights, gate_up_proj, down_proj, their biases, a1, b1, a2, b2), each empty where
     `needs` (the same order) asks for none or the input is None. h empty: recomputed here."""
     spec = _spec(gate_up_proj, activation, act_name, has_gate, interleaved, transposed, alpha, limit)
-    act_fn = ACTIVATIONS.get(act_name)
     low1, low2 = (None if a is None else low for a, low in ((a1, low1), (a2, low2)))
     num_tokens, num_experts = x.shape[0], gate_up_proj.shape[0]
     has_bias = gate_up_bias is not None or down_bias is not None
@@ -145,7 +144,7 @@ def _routed_experts_bwd(
     # d act needs only dy (and the factors); the activation itself comes back from the activation's backward
     d_act, d_low2 = project_input_grad(dy, w2, a2, b2, offsets)
     bias = None if gate_up_bias is None else (gate_up_bias, row_expert)
-    dh, d_weights, act = weighted_activation_backward(d_act, h, weights, spec, act_fn, mode, bias)
+    dh, d_weights, act = weighted_activation_backward(d_act, h, weights, spec, mode, bias)
     del d_act, h
     grad_down = _param_grad(act, dy, offsets, spec) if needs[3] else None
     grad_a2, grad_b2 = factor_grads(act, dy, low2, d_low2, offsets)

@@ -225,7 +225,7 @@ def _weighted_activation_backward_reference(
 
 
 def weighted_activation_backward(
-    grad: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, act_fn: nn.Module, mode: str,
+    grad: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, spec: ExpertsSpec, mode: str,
     bias: GateUpBias | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d h [S, 2I], d weights [S] fp32, the recomputed activation [S, I]) from d a [S, I]. d h is also each
